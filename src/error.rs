@@ -1,0 +1,86 @@
+//! The library's errors. Each message says which flag or field to fix.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong between user input and an estimate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("unknown model '{name}'{suggestion}; `memplan models` lists the presets, or pass a size like 7B or a path to a Hugging Face config.json")]
+    UnknownModel { name: String, suggestion: String },
+
+    #[error("unknown GPU '{name}'{suggestion}; `memplan gpus` lists the presets, or pass a size like 24GB")]
+    UnknownGpu { name: String, suggestion: String },
+
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("{path}: not a valid config.json: {message}")]
+    BadConfig { path: PathBuf, message: String },
+
+    #[error("{path}: field `{field}` {problem}")]
+    ConfigField {
+        path: PathBuf,
+        field: &'static str,
+        problem: String,
+    },
+
+    #[error("invalid {flag} '{value}': expected {expected}")]
+    InvalidValue {
+        flag: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+
+    #[error("invalid size '{0}': expected a positive amount such as 24GB, 80GiB or 512MiB")]
+    InvalidSize(String),
+
+    #[error("{0}")]
+    Unsupported(String),
+
+    #[error("invalid preset file {path}: {message}")]
+    Preset { path: String, message: String },
+}
+
+/// Suggests the closest candidate to `name` (edit distance ≤ a third of its length), formatted as
+/// `"; did you mean 'x'?"`, or an empty string.
+pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
+    let lower = name.to_ascii_lowercase();
+    let best = candidates
+        .into_iter()
+        .map(|c| (levenshtein(&lower, &c.to_ascii_lowercase()), c))
+        .min();
+    match best {
+        Some((d, c)) if d <= lower.len().max(3) / 3 + 1 => format!("; did you mean '{c}'?"),
+        _ => String::new(),
+    }
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggests_close_names_only() {
+        let names = ["llama-3.1-8b", "mistral-7b", "llama-3-70b"];
+        assert_eq!(did_you_mean("lama-3.1-8b", names), "; did you mean 'llama-3.1-8b'?");
+        assert_eq!(did_you_mean("mistral-7", names), "; did you mean 'mistral-7b'?");
+        assert_eq!(did_you_mean("gpt-neox-20b", names), "");
+    }
+}

@@ -1,0 +1,286 @@
+//! What stays resident through the step: base weights (by storage format), quantization
+//! constants, LoRA adapters, and optimizer state.
+//!
+//! Sources:
+//! - Weights: parameter counts from [`crate::model`], bytes per element from
+//!   [`crate::dtype::Precision::storage_bytes`] (NF4: QLoRA paper §3; INT8: LLM.int8()).
+//! - QLoRA quantizes the decoder's Linear weights only; embeddings, norms, biases and lm_head
+//!   stay in the 16-bit load dtype (transformers `get_keys_to_not_convert` skips lm_head;
+//!   bitsandbytes replaces `nn.Linear` only). `prepare_model_for_kbit_training` (peft) casts every
+//!   non-quantized fp16/bf16 parameter to fp32.
+//! - Adapters: A (r×in) and B (out×r) per targeted module; peft keeps them in fp32 when the base
+//!   is fp16/bf16 (`autocast_adapter_dtype=True`, the default since peft 0.12).
+//! - Optimizer state: torch AdamW keeps `exp_avg` and `exp_avg_sq` in the parameter's dtype;
+//!   bitsandbytes 8-bit optimizers keep uint8 states with one fp32 absmax per 256-block for
+//!   tensors of at least 4096 elements (`min_8bit_size`) and fp32 states below that; SGD with
+//!   momentum keeps one buffer; transformers' Adafactor keeps factored row/column second moments
+//!   (fp32) for matrices and a full one for vectors.
+
+use crate::dtype::Precision;
+use crate::method::{Job, Method, Optimizer};
+use crate::model::Linear;
+
+/// Bytes of the resident state, by kind, plus element counts the rest of the model needs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Resident {
+    pub weights: u128,
+    pub quant_constants: u128,
+    pub adapters: u128,
+    /// Trainable parameters (elements).
+    pub trainable_params: u128,
+    /// Bytes of one copy of the trainable parameters in their own dtype (= gradient bytes).
+    pub trainable_bytes: u128,
+    /// Optimizer state on the device, in the allocator.
+    pub optimizer_state: u128,
+    /// Optimizer state in CUDA managed memory (paged optimizers), outside the allocator.
+    pub optimizer_paged: u128,
+    /// Transient bytes of one optimizer step (foreach AdamW's sqrt buffer, Adafactor's fp32
+    /// copies).
+    pub optimizer_step_temp: u128,
+    pub explain: ResidentExplain,
+}
+
+/// Formula text for each resident component.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResidentExplain {
+    pub weights: String,
+    pub quant_constants: String,
+    pub adapters: String,
+    pub gradients: String,
+    pub optimizer: String,
+}
+
+/// A trainable tensor: shape (rows × cols; vectors have one row) and bytes per element.
+#[derive(Debug, Clone, Copy)]
+struct Tensor {
+    numel: u128,
+    rows: u128,
+    bytes: u128,
+}
+
+impl Tensor {
+    fn matrix(rows: u128, cols: u128, bytes: u128) -> Tensor {
+        Tensor {
+            numel: rows * cols,
+            rows,
+            bytes,
+        }
+    }
+
+    fn cols(&self) -> u128 {
+        self.numel / self.rows.max(1)
+    }
+}
+
+/// Bytes of each float element of the 16/32-bit parameters of a model whose Linear weights
+/// are stored in `job.weights`.
+pub fn dense_param_bytes(job: &Job) -> u128 {
+    match job.weights {
+        Precision::Int8 | Precision::Nf4 if job.kbit_prep => 4,
+        // bitsandbytes models load the non-quantized parameters in the compute dtype.
+        Precision::Int8 | Precision::Nf4 => job.compute.float_bytes(),
+        w => w.float_bytes(),
+    }
+}
+
+/// Bytes per adapter element: fp32 unless the base itself is fp32 (also fp32).
+pub const ADAPTER_BYTES: u128 = 4;
+
+pub fn lora_modules(job: &Job) -> Vec<Linear> {
+    match &job.lora {
+        None => Vec::new(),
+        Some(l) => job
+            .model
+            .layer_linears()
+            .into_iter()
+            .filter(|m| l.targets.contains(&m.kind))
+            .collect(),
+    }
+}
+
+pub fn resident(job: &Job) -> Resident {
+    let m = &job.model;
+    let counts = m.param_counts();
+    let dense_bytes = dense_param_bytes(job);
+    let mut r = Resident::default();
+    let mut trainable: Vec<Tensor> = Vec::new();
+
+    // Base weights.
+    let nonlinear = counts.embedding + counts.lm_head + counts.other;
+    let (lin_data, lin_consts) = job.model.layer_linears().iter().fold((0, 0), |acc, l| {
+        let (d, c) = job
+            .weights
+            .storage_bytes(l.out_features * l.copies, l.in_features, job.double_quant);
+        (acc.0 + d * m.layers, acc.1 + c * m.layers)
+    });
+    r.weights = lin_data + nonlinear * dense_bytes;
+    r.quant_constants = lin_consts;
+    r.explain.weights = match job.weights {
+        Precision::Nf4 | Precision::Int8 => format!(
+            "{} decoder Linear weights in {} = {} B; embeddings, norms{} ({} params) in {}-bit = {} B",
+            counts.linear_weights,
+            job.weights,
+            lin_data,
+            if counts.lm_head > 0 { ", lm_head" } else { "" },
+            nonlinear,
+            dense_bytes * 8,
+            nonlinear * dense_bytes
+        ),
+        w => format!("{} params × {} B ({w})", counts.total, w.float_bytes()),
+    };
+    r.explain.quant_constants = match job.weights {
+        Precision::Nf4 if job.double_quant => format!(
+            "NF4 absmax per 64-block as uint8 + fp32 per 256 absmax blocks (double quantization): {lin_consts} B ≈ 0.127 bit/param"
+        ),
+        Precision::Nf4 => format!("NF4 fp32 absmax per 64-block: {lin_consts} B = 0.5 bit/param"),
+        Precision::Int8 => format!("LLM.int8 fp32 scale per output row: {lin_consts} B"),
+        _ => "none (float storage)".into(),
+    };
+
+    // Trainable parameters.
+    match job.method {
+        Method::Full => {
+            // Per-tensor sizes matter only for 8-bit optimizer blocks and Adafactor; list them.
+            for l in job.model.layer_linears() {
+                for _ in 0..l.copies {
+                    for _ in 0..m.layers {
+                        trainable.push(Tensor::matrix(l.out_features, l.in_features, dense_bytes));
+                        if l.bias {
+                            trainable.push(Tensor::matrix(1, l.out_features, dense_bytes));
+                        }
+                    }
+                }
+            }
+            let norm_tensors = 2 * m.layers + 1;
+            for _ in 0..norm_tensors {
+                trainable.push(Tensor::matrix(1, m.hidden, dense_bytes));
+            }
+            if m.qk_norm {
+                for _ in 0..2 * m.layers {
+                    trainable.push(Tensor::matrix(1, m.head_dim, dense_bytes));
+                }
+            }
+            trainable.push(Tensor::matrix(m.vocab, m.hidden, dense_bytes));
+            if counts.lm_head > 0 {
+                trainable.push(Tensor::matrix(m.vocab, m.hidden, dense_bytes));
+            }
+        }
+        Method::Lora | Method::Qlora => {
+            let rank = job.lora.as_ref().map_or(0, |l| l.rank);
+            for l in lora_modules(job) {
+                for _ in 0..l.copies * m.layers {
+                    trainable.push(Tensor::matrix(rank, l.in_features, ADAPTER_BYTES));
+                    trainable.push(Tensor::matrix(l.out_features, rank, ADAPTER_BYTES));
+                }
+            }
+            r.adapters = trainable.iter().map(|t| t.numel * t.bytes).sum();
+            r.explain.adapters = format!(
+                "rank {rank} × (in + out) per targeted module × {} layers = {} params × 4 B (peft keeps adapters in fp32)",
+                m.layers,
+                trainable.iter().map(|t| t.numel).sum::<u128>()
+            );
+        }
+        Method::Inference => {}
+    }
+    r.trainable_params = trainable.iter().map(|t| t.numel).sum();
+    r.trainable_bytes = trainable.iter().map(|t| t.numel * t.bytes).sum();
+    r.explain.gradients = if job.method == Method::Inference {
+        "none (no backward pass)".into()
+    } else {
+        format!(
+            "one gradient per trainable parameter in its dtype: {} params = {} B, created layer by layer during backward, freed by zero_grad(set_to_none=True)",
+            r.trainable_params, r.trainable_bytes
+        )
+    };
+    if job.method != Method::Inference {
+        optimizer(job, &trainable, &mut r);
+    }
+    r
+}
+
+fn optimizer(job: &Job, trainable: &[Tensor], r: &mut Resident) {
+    let param_bytes: u128 = trainable.iter().map(|t| t.numel * t.bytes).sum();
+    // bitsandbytes Optimizer2State: tensors below min_8bit_size (4096) keep fp32 states.
+    let eight_bit = || -> u128 {
+        trainable
+            .iter()
+            .map(|t| {
+                if t.numel >= 4096 {
+                    2 * t.numel + 2 * t.numel.div_ceil(256) * 4
+                } else {
+                    2 * t.numel * 4
+                }
+            })
+            .sum()
+    };
+    let (state, paged, temp, text) = match job.optimizer {
+        Optimizer::Adamw => (
+            2 * param_bytes,
+            0,
+            param_bytes,
+            "torch AdamW (foreach): exp_avg + exp_avg_sq in the parameter dtype = 2 × parameter bytes; step() allocates one more parameter-sized buffer (_foreach_sqrt of exp_avg_sq)",
+        ),
+        Optimizer::AdamwFused => (
+            2 * param_bytes,
+            0,
+            0,
+            "torch AdamW (fused=True): 2 × parameter bytes; the fused kernel needs no temporaries",
+        ),
+        Optimizer::Adamw8bit => (
+            eight_bit(),
+            0,
+            0,
+            "bitsandbytes AdamW8bit: 2 uint8 states + fp32 absmax per 256-block (tensors < 4096 elements keep 2 fp32 states)",
+        ),
+        Optimizer::PagedAdamw => (
+            0,
+            trainable.iter().map(|t| 8 * t.numel).sum(),
+            0,
+            "bitsandbytes PagedAdamW32bit: 2 fp32 states in CUDA managed memory (outside the allocator; on the device unless evicted)",
+        ),
+        Optimizer::PagedAdamw8bit => (
+            0,
+            eight_bit(),
+            0,
+            "bitsandbytes PagedAdamW8bit: 8-bit states in CUDA managed memory (outside the allocator; on the device unless evicted)",
+        ),
+        Optimizer::Sgd => (0, 0, 0, "SGD without momentum keeps no state"),
+        Optimizer::SgdMomentum => (
+            param_bytes,
+            0,
+            0,
+            "SGD with momentum: one momentum buffer per parameter, in its dtype",
+        ),
+        Optimizer::Adafactor => {
+            let state = trainable
+                .iter()
+                .map(|t| {
+                    // Matrices: factored row + column second moments; vectors: a full one.
+                    if t.rows > 1 && t.cols() > 1 {
+                        (t.rows + t.cols()) * 4
+                    } else {
+                        t.numel * 4
+                    }
+                })
+                .sum();
+            let largest = trainable.iter().map(|t| t.numel).max().unwrap_or(0);
+            (
+                state,
+                0,
+                3 * largest * 4,
+                "transformers Adafactor: factored fp32 second moments (row + column) per matrix; step() works on one tensor at a time in fp32 (gradient, update and parameter copies of the largest tensor)",
+            )
+        }
+    };
+    r.optimizer_state = state;
+    r.optimizer_paged = paged;
+    r.optimizer_step_temp = temp;
+    r.explain.optimizer = format!(
+        "{text}: state {state} B{}, step temporaries {temp} B",
+        if paged > 0 {
+            format!(", managed {paged} B")
+        } else {
+            String::new()
+        }
+    );
+}

@@ -1,0 +1,26 @@
+//! memplan: how much GPU memory a fine-tuning step needs, and why.
+//!
+//! ```
+//! use memplan::{estimate, Job, Method, resolve_model};
+//!
+//! let (model, _) = resolve_model("llama-3.1-8b").unwrap();
+//! let mut job = Job::new(model, Method::Qlora);
+//! job.batch = 4;
+//! job.grad_checkpointing = true;
+//! let est = estimate(&job).unwrap();
+//! assert!(est.peak_allocated_bytes.gib() > 10.0 && est.peak_allocated_bytes.gib() < 30.0);
+//! ```
+
+pub mod dtype;
+pub mod error;
+pub mod estimate;
+pub mod method;
+pub mod model;
+pub mod units;
+
+pub use dtype::Precision;
+pub use error::Error;
+pub use estimate::{estimate, Component, Estimate};
+pub use method::{Attention, Job, LoraSettings, Method, Optimizer};
+pub use model::{resolve_model, ModelShape};
+pub use units::Bytes;

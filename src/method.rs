@@ -1,0 +1,320 @@
+//! What is trained and how: method, precisions, LoRA settings, optimizer, batch and kernels.
+//! A [`Job`] is the validated input of [`crate::estimate`].
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Serialize;
+
+use crate::dtype::Precision;
+use crate::error::Error;
+use crate::model::{LinearKind, ModelShape};
+
+/// Fine-tuning method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Every parameter trainable.
+    Full,
+    /// Frozen base, trainable low-rank adapters (Hu et al., 2021).
+    Lora,
+    /// LoRA over an NF4-quantized frozen base (Dettmers et al., 2023).
+    Qlora,
+    /// One forward pass over a prompt, with a KV cache; nothing trained.
+    Inference,
+}
+
+/// Optimizer, as torch / bitsandbytes / transformers implement it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Optimizer {
+    /// `torch.optim.AdamW` (foreach implementation, the default on CUDA).
+    Adamw,
+    /// `torch.optim.AdamW(fused=True)`.
+    AdamwFused,
+    /// `bitsandbytes.optim.AdamW8bit`.
+    Adamw8bit,
+    /// `bitsandbytes.optim.PagedAdamW32bit`.
+    PagedAdamw,
+    /// `bitsandbytes.optim.PagedAdamW8bit`.
+    PagedAdamw8bit,
+    /// `torch.optim.SGD` without momentum.
+    Sgd,
+    /// `torch.optim.SGD(momentum>0)`.
+    SgdMomentum,
+    /// `transformers.optimization.Adafactor` (factored second moment, no first moment).
+    Adafactor,
+}
+
+/// Attention implementation (`attn_implementation` in transformers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Attention {
+    /// `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels).
+    Sdpa,
+    /// Materialized b·heads·s² scores and softmax.
+    Eager,
+    /// `flash_attention_2` from the flash-attn package.
+    Flash,
+}
+
+/// LoRA settings (peft `LoraConfig`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoraSettings {
+    pub rank: u128,
+    pub targets: Vec<LinearKind>,
+    pub dropout: f64,
+}
+
+/// The framework whose allocation behaviour is modelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Runtime {
+    /// PyTorch + transformers + peft + bitsandbytes on CUDA (what `../shared/groundtruth` ran).
+    Pytorch,
+}
+
+/// A validated estimation request.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Job {
+    pub model: ModelShape,
+    pub method: Method,
+    /// Storage of the frozen or trained base weights.
+    pub weights: Precision,
+    /// Activation / autocast dtype.
+    pub compute: Precision,
+    pub lora: Option<LoraSettings>,
+    pub double_quant: bool,
+    pub optimizer: Optimizer,
+    pub batch: u128,
+    pub seq: u128,
+    pub grad_checkpointing: bool,
+    pub attention: Attention,
+    pub kbit_prep: bool,
+    pub runtime: Runtime,
+}
+
+impl Job {
+    /// A job with the documented defaults for `method`: bf16 weights (NF4 for QLoRA), compute
+    /// bf16, rank 16 on all linear layers with dropout 0.05, AdamW, batch 1, 2048 tokens, SDPA.
+    pub fn new(model: ModelShape, method: Method) -> Job {
+        let weights = if method == Method::Qlora {
+            Precision::Nf4
+        } else {
+            Precision::Bf16
+        };
+        Job {
+            model,
+            method,
+            weights,
+            compute: Precision::Bf16,
+            lora: matches!(method, Method::Lora | Method::Qlora).then(|| LoraSettings {
+                rank: 16,
+                targets: all_linear(),
+                dropout: 0.05,
+            }),
+            double_quant: true,
+            optimizer: Optimizer::Adamw,
+            batch: 1,
+            seq: 2048,
+            grad_checkpointing: false,
+            attention: Attention::Sdpa,
+            kbit_prep: false,
+            runtime: Runtime::Pytorch,
+        }
+    }
+
+    /// Tokens in one micro-batch.
+    pub fn tokens(&self) -> u128 {
+        self.batch * self.seq
+    }
+
+    /// Rejects combinations that no library runs, with the flag to change.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |msg: String| Err(Error::Unsupported(msg));
+        if self.batch == 0 {
+            return bad("--batch must be at least 1".into());
+        }
+        if self.seq == 0 {
+            return bad("--seq must be at least 1 token".into());
+        }
+        if !self.compute.is_float() {
+            return bad(format!(
+                "--compute {} is not a compute dtype: use fp32, fp16 or bf16",
+                self.compute
+            ));
+        }
+        match (self.method, self.weights) {
+            (Method::Qlora, Precision::Nf4) => {}
+            (Method::Qlora, w) => {
+                return bad(format!(
+                    "--method qlora stores the base in NF4; --weights {w} contradicts it (use --method lora --weights {w}, or drop --weights)"
+                ))
+            }
+            (Method::Full, Precision::Int8 | Precision::Nf4) => {
+                return bad(format!(
+                    "--method full cannot train {} weights (no gradients through quantized storage); use --method lora or qlora",
+                    self.weights
+                ))
+            }
+            (Method::Lora, Precision::Nf4) => {
+                return bad("--method lora --weights nf4 is QLoRA: use --method qlora".into())
+            }
+            _ => {}
+        }
+        if self.weights.is_float()
+            && self.weights.float_bytes() < self.compute.float_bytes()
+            && self.method != Method::Inference
+        {
+            return bad(format!(
+                "--weights {} with --compute {} would upcast activations above the weights' precision; use --compute {} or --weights fp32",
+                self.weights, self.compute, self.weights
+            ));
+        }
+        if let Some(l) = &self.lora {
+            if l.rank == 0 {
+                return bad("--rank must be at least 1".into());
+            }
+            if l.targets.is_empty() {
+                return bad("--lora-targets selects no module".into());
+            }
+            if !(0.0..1.0).contains(&l.dropout) {
+                return bad(format!(
+                    "--lora-dropout {} must be in [0, 1)",
+                    l.dropout
+                ));
+            }
+            let max_rank = self
+                .model
+                .layer_linears()
+                .iter()
+                .filter(|m| l.targets.contains(&m.kind))
+                .map(|m| m.in_features.min(m.out_features))
+                .min()
+                .unwrap_or(0);
+            if l.rank > max_rank {
+                return bad(format!(
+                    "--rank {} exceeds the smallest targeted layer dimension ({max_rank}): a LoRA update cannot have higher rank than its matrix",
+                    l.rank
+                ));
+            }
+        }
+        if self.kbit_prep && self.method != Method::Qlora {
+            return bad("--kbit-prep applies to --method qlora only".into());
+        }
+        Ok(())
+    }
+}
+
+/// peft's `all-linear` for Llama-style decoders: q, k, v, o, gate, up, down.
+pub fn all_linear() -> Vec<LinearKind> {
+    vec![
+        LinearKind::Q,
+        LinearKind::K,
+        LinearKind::V,
+        LinearKind::O,
+        LinearKind::Gate,
+        LinearKind::Up,
+        LinearKind::Down,
+    ]
+}
+
+/// Parses `--lora-targets`: `all-linear`, `attention`, `mlp`, or a comma list of module names.
+pub fn parse_targets(text: &str) -> Result<Vec<LinearKind>, Error> {
+    let invalid = || Error::InvalidValue {
+        flag: "--lora-targets",
+        value: text.to_string(),
+        expected: "all-linear, attention, mlp, or a comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    };
+    let mut out = match text.trim() {
+        "all-linear" | "all" => all_linear(),
+        "attention" | "attn" => vec![LinearKind::Q, LinearKind::K, LinearKind::V, LinearKind::O],
+        "mlp" => vec![LinearKind::Gate, LinearKind::Up, LinearKind::Down],
+        list => list
+            .split(',')
+            .map(|s| LinearKind::from_module_name(s.trim()).ok_or_else(invalid))
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    out.sort();
+    out.dedup();
+    if out.is_empty() {
+        return Err(invalid());
+    }
+    Ok(out)
+}
+
+macro_rules! keyword_enum {
+    ($ty:ty, $flag:literal, $expected:literal, { $($text:literal => $variant:expr),+ $(,)? }) => {
+        impl FromStr for $ty {
+            type Err = Error;
+            fn from_str(s: &str) -> Result<Self, Error> {
+                match s.to_ascii_lowercase().replace('_', "-").as_str() {
+                    $($text => Ok($variant),)+
+                    _ => Err(Error::InvalidValue { flag: $flag, value: s.to_string(), expected: $expected }),
+                }
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let name = match self { $(v if *v == $variant => $text,)+ _ => unreachable!() };
+                f.write_str(name)
+            }
+        }
+    };
+}
+
+keyword_enum!(Method, "--method", "full, lora, qlora or inference", {
+    "full" => Method::Full, "lora" => Method::Lora, "qlora" => Method::Qlora, "inference" => Method::Inference,
+});
+keyword_enum!(Optimizer, "--optimizer",
+    "adamw, adamw-fused, adamw-8bit, paged-adamw, paged-adamw-8bit, sgd, sgd-momentum or adafactor", {
+    "adamw" => Optimizer::Adamw, "adamw-fused" => Optimizer::AdamwFused,
+    "adamw-8bit" => Optimizer::Adamw8bit, "paged-adamw" => Optimizer::PagedAdamw,
+    "paged-adamw-8bit" => Optimizer::PagedAdamw8bit, "sgd" => Optimizer::Sgd,
+    "sgd-momentum" => Optimizer::SgdMomentum, "adafactor" => Optimizer::Adafactor,
+});
+keyword_enum!(Attention, "--attention", "sdpa, eager or flash", {
+    "sdpa" => Attention::Sdpa, "eager" => Attention::Eager, "flash" => Attention::Flash,
+});
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tests::llama;
+
+    #[test]
+    fn keywords_round_trip() {
+        for o in ["adamw", "adamw-fused", "adamw-8bit", "paged-adamw-8bit", "adafactor"] {
+            assert_eq!(o.parse::<Optimizer>().unwrap().to_string(), o);
+        }
+        assert_eq!("adamw_8bit".parse::<Optimizer>().unwrap(), Optimizer::Adamw8bit);
+        assert!("adam".parse::<Optimizer>().is_err());
+    }
+
+    #[test]
+    fn targets_parse() {
+        assert_eq!(parse_targets("attention").unwrap().len(), 4);
+        assert_eq!(
+            parse_targets("v_proj,q_proj").unwrap(),
+            vec![LinearKind::Q, LinearKind::V]
+        );
+        assert!(parse_targets("qkv").is_err());
+    }
+
+    #[test]
+    fn nonsense_combinations_are_rejected() {
+        let m = llama(100, 64, 2, 4, 2, 128, false);
+        let mut j = Job::new(m.clone(), Method::Qlora);
+        j.weights = Precision::Fp32;
+        assert!(j.validate().unwrap_err().to_string().contains("qlora"));
+        let mut j = Job::new(m.clone(), Method::Full);
+        j.weights = Precision::Nf4;
+        assert!(j.validate().is_err());
+        let mut j = Job::new(m.clone(), Method::Lora);
+        j.lora.as_mut().unwrap().rank = 0;
+        assert!(j.validate().unwrap_err().to_string().contains("--rank"));
+        let mut j = Job::new(m, Method::Full);
+        j.batch = 0;
+        assert!(j.validate().unwrap_err().to_string().contains("--batch"));
+    }
+}

@@ -1,0 +1,245 @@
+//! Model presets (`presets/models.toml`, embedded in the binary) and `--model` resolution.
+//!
+//! `--model` takes, in this order: a path to a `config.json` or a model folder; a preset name or
+//! alias; a bare size such as `7B`. A bare size that is a preset's `size` maps to that preset.
+//! Any other size maps to a *synthetic* architecture: the widths (hidden, heads, intermediate,
+//! vocabulary) of the dense Llama preset nearest in parameter count, with the number of layers
+//! set so the total matches the size. This is documented in `presets/README.md` and shown in the
+//! model's name, so it is never mistaken for a real checkpoint.
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use serde::{Deserialize, Serialize};
+
+use super::{HfConfig, ModelShape};
+use crate::error::{did_you_mean, Error};
+use crate::units::parse_count;
+
+const MODELS_TOML: &str = include_str!("../../presets/models.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+struct PresetFile {
+    model: Vec<PresetEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct PresetEntry {
+    name: String,
+    #[serde(default)]
+    aliases: Vec<String>,
+    size: Option<String>,
+    source: String,
+    #[serde(flatten)]
+    config: TomlConfig,
+}
+
+/// The config.json fields as TOML can carry them (TOML integers are i64).
+#[derive(Debug, Clone, Deserialize)]
+struct TomlConfig {
+    model_type: String,
+    vocab_size: u64,
+    hidden_size: u64,
+    intermediate_size: u64,
+    num_hidden_layers: u64,
+    num_attention_heads: u64,
+    num_key_value_heads: Option<u64>,
+    head_dim: Option<u64>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    num_local_experts: Option<u64>,
+    num_experts_per_tok: Option<u64>,
+}
+
+impl From<&TomlConfig> for HfConfig {
+    fn from(t: &TomlConfig) -> HfConfig {
+        HfConfig {
+            model_type: Some(t.model_type.clone()),
+            vocab_size: Some(t.vocab_size),
+            hidden_size: Some(t.hidden_size),
+            intermediate_size: Some(t.intermediate_size),
+            num_hidden_layers: Some(t.num_hidden_layers),
+            num_attention_heads: Some(t.num_attention_heads),
+            num_key_value_heads: t.num_key_value_heads,
+            head_dim: t.head_dim,
+            tie_word_embeddings: t.tie_word_embeddings,
+            attention_bias: t.attention_bias,
+            num_local_experts: t.num_local_experts,
+            num_experts_per_tok: t.num_experts_per_tok,
+            ..HfConfig::default()
+        }
+    }
+}
+
+/// A preset as listed by `memplan models`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Preset {
+    pub name: String,
+    pub aliases: Vec<String>,
+    pub size: Option<String>,
+    pub source: String,
+    pub params_total: u128,
+    pub shape: ModelShape,
+}
+
+/// Where a resolved model came from.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "detail")]
+pub enum ModelSource {
+    Preset(String),
+    ConfigFile(String),
+    /// A bare size mapped onto a reference architecture (the text says which).
+    Synthetic(String),
+}
+
+/// All presets, parsed once.
+pub fn presets() -> &'static [Preset] {
+    static PRESETS: OnceLock<Vec<Preset>> = OnceLock::new();
+    PRESETS.get_or_init(|| {
+        // The file is compiled in and covered by tests; a parse failure is a build defect.
+        let file: PresetFile =
+            toml::from_str(MODELS_TOML).expect("presets/models.toml is valid (tested)");
+        file.model
+            .iter()
+            .map(|e| {
+                let shape = HfConfig::from(&e.config)
+                    .resolve(&e.name, Path::new("presets/models.toml"))
+                    .expect("presets/models.toml entries resolve (tested)");
+                Preset {
+                    name: e.name.clone(),
+                    aliases: e.aliases.clone(),
+                    size: e.size.clone(),
+                    source: e.source.clone(),
+                    params_total: shape.param_counts().total,
+                    shape,
+                }
+            })
+            .collect()
+    })
+}
+
+fn find_preset(name: &str) -> Option<&'static Preset> {
+    presets().iter().find(|p| {
+        p.name.eq_ignore_ascii_case(name) || p.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
+    })
+}
+
+/// Resolves `--model`.
+pub fn resolve_model(arg: &str) -> Result<(ModelShape, ModelSource), Error> {
+    let path = Path::new(arg);
+    if path.exists() || arg.ends_with(".json") {
+        let (cfg, file) = HfConfig::from_path(path)?;
+        let name = file
+            .parent()
+            .and_then(|d| d.file_name())
+            .filter(|_| path.is_dir())
+            .or_else(|| file.file_stem())
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| arg.to_string());
+        let shape = cfg.resolve(&name, &file)?;
+        return Ok((shape, ModelSource::ConfigFile(file.display().to_string())));
+    }
+    if let Some(p) = find_preset(arg) {
+        return Ok((p.shape.clone(), ModelSource::Preset(p.source.clone())));
+    }
+    if let Some(params) = parse_count(arg).filter(|_| arg.ends_with(['B', 'b', 'M', 'm'])) {
+        return synthetic(arg, params);
+    }
+    let names = presets()
+        .iter()
+        .flat_map(|p| std::iter::once(p.name.as_str()).chain(p.aliases.iter().map(String::as_str)));
+    Err(Error::UnknownModel {
+        name: arg.to_string(),
+        suggestion: did_you_mean(arg, names),
+    })
+}
+
+fn synthetic(arg: &str, params: f64) -> Result<(ModelShape, ModelSource), Error> {
+    let label = arg.to_ascii_uppercase();
+    if let Some(p) = presets()
+        .iter()
+        .find(|p| p.size.as_deref().is_some_and(|s| s.eq_ignore_ascii_case(arg)))
+    {
+        let detail = format!("{label} = {} ({})", p.name, p.source);
+        return Ok((p.shape.clone(), ModelSource::Synthetic(detail)));
+    }
+    if !(1e7..=1e14).contains(&params) {
+        return Err(Error::InvalidValue {
+            flag: "--model",
+            value: arg.to_string(),
+            expected: "a size between 10M and 100T parameters",
+        });
+    }
+    // Nearest dense Llama reference by log distance of parameter count.
+    let reference = presets()
+        .iter()
+        .filter(|p| p.shape.model_type == "llama" && p.shape.moe.is_none())
+        .min_by(|a, b| {
+            let d = |p: &Preset| ((p.params_total as f64) / params).ln().abs();
+            d(a).total_cmp(&d(b))
+        })
+        .expect("presets include dense llama models");
+    let mut shape = reference.shape.clone();
+    let one_layer = {
+        let mut s = shape.clone();
+        s.layers = 1;
+        let with_one = s.param_counts().total;
+        s.layers = 2;
+        s.param_counts().total - with_one
+    };
+    let fixed = shape.param_counts().total - shape.layers * one_layer;
+    let layers = ((params - fixed as f64) / one_layer as f64).round().max(1.0) as u128;
+    shape.layers = layers;
+    shape.name = format!("synthetic-{label}");
+    let detail = format!(
+        "{label}: {} widths with {layers} layers ({} params); no such checkpoint exists",
+        reference.name,
+        shape.param_counts().total
+    );
+    Ok((shape, ModelSource::Synthetic(detail)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn total(name: &str) -> u128 {
+        resolve_model(name).unwrap().0.param_counts().total
+    }
+
+    #[test]
+    fn published_parameter_counts() {
+        assert_eq!(total("llama-3.1-8b"), 8_030_261_248);
+        assert_eq!(total("llama-3.2-1b"), 1_235_814_400);
+        assert_eq!(total("llama-3.2-3b"), 3_212_749_824);
+        assert_eq!(total("mistral-7b"), 7_241_732_096);
+        assert_eq!(total("llama-2-7b"), 6_738_415_616);
+        assert_eq!(total("llama-3-70b"), 70_553_706_496);
+        assert_eq!(total("llama-3.1-405b"), 405_853_388_800);
+        assert_eq!(total("mixtral-8x7b"), 46_702_792_704);
+        assert_eq!(total("qwen2.5-7b"), 7_615_616_512);
+    }
+
+    #[test]
+    fn bare_sizes_map_to_reference_architectures() {
+        assert_eq!(total("70B"), 70_553_706_496);
+        assert_eq!(total("8b"), 8_030_261_248);
+        let (shape, src) = resolve_model("10B").unwrap();
+        let p = shape.param_counts().total as f64;
+        assert!((p / 10e9 - 1.0).abs() < 0.02, "{p}");
+        assert!(matches!(src, ModelSource::Synthetic(_)));
+        assert!(shape.name.starts_with("synthetic"));
+    }
+
+    #[test]
+    fn unknown_model_suggests() {
+        let e = resolve_model("lama-3.1-8b").unwrap_err().to_string();
+        assert!(e.contains("did you mean 'llama-3.1-8b'"), "{e}");
+    }
+
+    #[test]
+    fn aliases_resolve() {
+        assert_eq!(total("meta-llama/Llama-3.1-8B"), 8_030_261_248);
+        assert_eq!(total("LLAMA3.2-1B"), 1_235_814_400);
+    }
+}

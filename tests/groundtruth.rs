@@ -1,0 +1,112 @@
+//! The estimator against 75 real training steps measured on an H200 (tests/data/README.md).
+//! Asserts |estimate − measured| / measured of peak allocated bytes: median ≤ 5%, every case
+//! ≤ 12%. Prints the per-case table (run with `--nocapture` to see it).
+
+use std::path::Path;
+
+use memplan::{estimate, resolve_model, Attention, Job, Method, Optimizer, Precision};
+use serde_json::Value;
+
+struct Case {
+    id: String,
+    job: Job,
+    measured: u128,
+    phase: String,
+}
+
+fn load_cases() -> Vec<Case> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let text = std::fs::read_to_string(dir.join("h200-pytorch.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["type"] == "case" && r["status"] == "ok")
+        .map(|r| {
+            let c = &r["case"];
+            let cfg = dir.join(format!("configs/{}.json", c["model"].as_str().unwrap()));
+            let (model, _) = resolve_model(cfg.to_str().unwrap()).unwrap();
+            let method = match c["method"].as_str().unwrap() {
+                "full_bf16" | "full_fp32_amp" => Method::Full,
+                "lora_bf16" => Method::Lora,
+                "qlora_nf4" => Method::Qlora,
+                m => panic!("unknown method {m}"),
+            };
+            let mut job = Job::new(model, method);
+            if c["method"] == "full_fp32_amp" {
+                job.weights = Precision::Fp32;
+            }
+            job.batch = c["batch"].as_u64().unwrap().into();
+            job.seq = c["seq"].as_u64().unwrap().into();
+            job.grad_checkpointing = c["grad_ckpt"].as_bool().unwrap();
+            job.attention = match c["attn"].as_str().unwrap() {
+                "sdpa" => Attention::Sdpa,
+                "eager" => Attention::Eager,
+                a => panic!("unknown attention {a}"),
+            };
+            job.optimizer = match c["optim"].as_str().unwrap() {
+                "adamw" => Optimizer::Adamw,
+                "adamw_fused" => Optimizer::AdamwFused,
+                "adamw8bit" => Optimizer::Adamw8bit,
+                "paged_adamw_8bit" => Optimizer::PagedAdamw8bit,
+                "paged_adamw_32bit" => Optimizer::PagedAdamw,
+                o => panic!("unknown optimizer {o}"),
+            };
+            if let Some(l) = job.lora.as_mut() {
+                l.rank = c["lora_r"].as_u64().unwrap().into();
+                l.dropout = c["lora_dropout"].as_f64().unwrap();
+            }
+            if method == Method::Qlora {
+                job.double_quant = c["double_quant"].as_bool().unwrap();
+                job.kbit_prep = c["prep_kbit"].as_bool().unwrap();
+            }
+            let s = &r["summary"];
+            let measured = s["peak_alloc_step1"]
+                .as_u64()
+                .unwrap()
+                .max(s["peak_alloc_step2"].as_u64().unwrap());
+            Case {
+                id: r["id"].as_str().unwrap().to_string(),
+                job,
+                measured: measured.into(),
+                phase: s["peak_phase_step2"].as_str().unwrap_or("").to_string(),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn estimator_matches_h200_measurements() {
+    let cases = load_cases();
+    assert_eq!(cases.len(), 75, "all 75 measured cases are loaded");
+    let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
+    let mut errors = Vec::new();
+    println!(
+        "{:<62} {:>9} {:>9} {:>7}  phase(meas/est)",
+        "case", "measured", "estimate", "error"
+    );
+    for c in &cases {
+        let est = estimate(&c.job).unwrap();
+        let e = est.peak_allocated_bytes.0;
+        let err = (e as f64 - c.measured as f64) / c.measured as f64;
+        errors.push(err.abs());
+        println!(
+            "{:<62} {:>9.2} {:>9.2} {:>+6.1}%  {}/{}",
+            c.id,
+            gib(c.measured),
+            gib(e),
+            err * 100.0,
+            c.phase,
+            est.peak_phase
+        );
+    }
+    errors.sort_by(f64::total_cmp);
+    let median = errors[errors.len() / 2];
+    let worst = errors[errors.len() - 1];
+    println!(
+        "median |error| {:.2}%, worst {:.2}%, mean {:.2}%",
+        median * 100.0,
+        worst * 100.0,
+        errors.iter().sum::<f64>() / errors.len() as f64 * 100.0
+    );
+    assert!(median <= 0.05, "median error {:.2}% > 5%", median * 100.0);
+    assert!(worst <= 0.12, "worst error {:.2}% > 12%", worst * 100.0);
+}
