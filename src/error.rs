@@ -79,8 +79,14 @@ mod tests {
     #[test]
     fn suggests_close_names_only() {
         let names = ["llama-3.1-8b", "mistral-7b", "llama-3-70b"];
-        assert_eq!(did_you_mean("lama-3.1-8b", names), "; did you mean 'llama-3.1-8b'?");
-        assert_eq!(did_you_mean("mistral-7", names), "; did you mean 'mistral-7b'?");
+        assert_eq!(
+            did_you_mean("lama-3.1-8b", names),
+            "; did you mean 'llama-3.1-8b'?"
+        );
+        assert_eq!(
+            did_you_mean("mistral-7", names),
+            "; did you mean 'mistral-7b'?"
+        );
         assert_eq!(did_you_mean("gpt-neox-20b", names), "");
     }
 }

@@ -14,8 +14,11 @@
 pub mod dtype;
 pub mod error;
 pub mod estimate;
+pub mod gpu;
 pub mod method;
 pub mod model;
+pub mod report;
+pub mod seed;
 pub mod units;
 
 pub use dtype::Precision;

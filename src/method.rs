@@ -179,10 +179,7 @@ impl Job {
                 return bad("--lora-targets selects no module".into());
             }
             if !(0.0..1.0).contains(&l.dropout) {
-                return bad(format!(
-                    "--lora-dropout {} must be in [0, 1)",
-                    l.dropout
-                ));
+                return bad(format!("--lora-dropout {} must be in [0, 1)", l.dropout));
             }
             let max_rank = self
                 .model
@@ -221,10 +218,12 @@ pub fn all_linear() -> Vec<LinearKind> {
 
 /// Parses `--lora-targets`: `all-linear`, `attention`, `mlp`, or a comma list of module names.
 pub fn parse_targets(text: &str) -> Result<Vec<LinearKind>, Error> {
-    let invalid = || Error::InvalidValue {
+    let invalid = || {
+        Error::InvalidValue {
         flag: "--lora-targets",
         value: text.to_string(),
         expected: "all-linear, attention, mlp, or a comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    }
     };
     let mut out = match text.trim() {
         "all-linear" | "all" => all_linear(),
@@ -284,10 +283,19 @@ mod tests {
 
     #[test]
     fn keywords_round_trip() {
-        for o in ["adamw", "adamw-fused", "adamw-8bit", "paged-adamw-8bit", "adafactor"] {
+        for o in [
+            "adamw",
+            "adamw-fused",
+            "adamw-8bit",
+            "paged-adamw-8bit",
+            "adafactor",
+        ] {
             assert_eq!(o.parse::<Optimizer>().unwrap().to_string(), o);
         }
-        assert_eq!("adamw_8bit".parse::<Optimizer>().unwrap(), Optimizer::Adamw8bit);
+        assert_eq!(
+            "adamw_8bit".parse::<Optimizer>().unwrap(),
+            Optimizer::Adamw8bit
+        );
         assert!("adam".parse::<Optimizer>().is_err());
     }
 

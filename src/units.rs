@@ -14,7 +14,9 @@ pub const MIB: u128 = 1 << 20;
 pub const GIB: u128 = 1 << 30;
 
 /// A number of bytes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Bytes(pub u128);
 
@@ -79,7 +81,9 @@ pub fn parse_size(text: &str) -> Result<Bytes, Error> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num.parse().map_err(|_| Error::InvalidSize(text.to_string()))?;
+    let value: f64 = num
+        .parse()
+        .map_err(|_| Error::InvalidSize(text.to_string()))?;
     let mult = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" | "bytes" => 1,
         "k" | "kb" | "kib" => KIB,

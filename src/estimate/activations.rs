@@ -52,8 +52,9 @@ impl Dtypes {
     pub fn of(job: &Job) -> Dtypes {
         let compute = job.compute.float_bytes();
         let dense = dense_param_bytes(job);
-        let autocast =
-            job.weights.is_float() && job.weights.float_bytes() > compute && job.method != Method::Inference;
+        let autocast = job.weights.is_float()
+            && job.weights.float_bytes() > compute
+            && job.method != Method::Inference;
         let linear_out = if autocast { compute } else { dense };
         Dtypes {
             compute,
@@ -187,7 +188,11 @@ fn trainable_grads(job: &Job, modules: &[Linear], norm_params: u128) -> u128 {
             let r = job.lora.as_ref().map_or(0, |l| l.rank);
             modules
                 .iter()
-                .filter(|m| job.lora.as_ref().is_some_and(|l| l.targets.contains(&m.kind)))
+                .filter(|m| {
+                    job.lora
+                        .as_ref()
+                        .is_some_and(|l| l.targets.contains(&m.kind))
+                })
                 .map(|m| r * (m.in_features + m.out_features) * m.copies * ADAPTER_BYTES)
                 .sum()
         }
@@ -223,17 +228,19 @@ pub fn layer_profile(job: &Job, tokens: u128) -> LayerProfile {
     let down = pick(&[LinearKind::Down]);
     let (h, q, kv) = (m.hidden, m.q_dim(), m.kv_dim());
     let (a, s_b) = (dt.linear_out, dt.attention);
-    let (k_num, k_den) = m
-        .moe
-        .as_ref()
-        .map_or((1, 1), |e| (e.experts_per_token, 1));
+    let (k_num, k_den) = m.moe.as_ref().map_or((1, 1), |e| (e.experts_per_token, 1));
 
     // ---- attention half
     let mut attn = norm_saved_per_token(job, &dt, h);
     let c = consumers(job, &dt, dt.residual, &qkv);
     attn += c.own_copies + if c.saves_shared { dt.residual * h } else { 0 };
     if m.qk_norm {
-        attn += 4 * (q + kv) + if job.method == Method::Full { a * (q + kv) } else { 0 };
+        attn += 4 * (q + kv)
+            + if job.method == Method::Full {
+                a * (q + kv)
+            } else {
+                0
+            };
     }
     let seq = job.seq;
     let (core, o_input_is_new) = match job.attention {
@@ -245,7 +252,12 @@ pub fn layer_profile(job: &Job, tokens: u128) -> LayerProfile {
     };
     attn += core;
     let c = consumers(job, &dt, s_b, &o);
-    attn += c.own_copies + if c.saves_shared && o_input_is_new { s_b * q } else { 0 };
+    attn += c.own_copies
+        + if c.saves_shared && o_input_is_new {
+            s_b * q
+        } else {
+            0
+        };
 
     // ---- MLP half
     let i = m.intermediate;
@@ -258,7 +270,12 @@ pub fn layer_profile(job: &Job, tokens: u128) -> LayerProfile {
     }
     mlp += 3 * a * i * k_num / k_den; // silu input, silu output, up output
     let c = consumers(job, &dt, a, &down);
-    mlp += c.own_copies + if c.saves_shared { a * i * k_num / k_den } else { 0 };
+    mlp += c.own_copies
+        + if c.saves_shared {
+            a * i * k_num / k_den
+        } else {
+            0
+        };
 
     // Autocast keeps a 16-bit copy of every matmul weight until that layer's backward.
     let weight_copies = |mods: &[Linear]| -> u128 {

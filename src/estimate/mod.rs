@@ -30,7 +30,7 @@ use crate::units::Bytes;
 
 use activations::{layer_profile, norm_saved_per_token, Dtypes, LayerProfile};
 use resident::{resident, Resident};
-use runtime::{RuntimeProfile, PYTORCH_CUDA, RESERVE_FRACTION, RESIDENT_ROUNDING};
+use runtime::{pytorch_cuda, RuntimeProfile, RESERVE_FRACTION, RESIDENT_ROUNDING};
 pub use timeline::{Category, Phase, Timeline};
 
 /// The model as the estimate saw it.
@@ -86,10 +86,15 @@ impl Estimate {
     }
 }
 
-/// Estimates peak GPU memory of one step of `job`.
+/// Estimates peak GPU memory of one step of `job` with PyTorch's measured overheads.
 pub fn estimate(job: &Job) -> Result<Estimate, Error> {
+    estimate_with(job, &pytorch_cuda())
+}
+
+/// [`estimate`] with another runtime profile (e.g. calibrated by `memplan probe`).
+pub fn estimate_with(job: &Job, profile: &RuntimeProfile) -> Result<Estimate, Error> {
     job.validate()?;
-    let profile = PYTORCH_CUDA;
+    let profile = profile.clone();
     let res = resident(job);
     let mut t = Timeline::new();
     t.alloc(Category::Workspace, profile.workspace_bytes);
@@ -213,7 +218,10 @@ fn train_step(job: &Job, res: &Resident, t: &mut Timeline) -> StepExplain {
         }
     }
     t.free(Category::Temporaries, hidden_grad);
-    t.free(Category::Temporaries, mask.min(t.live(Category::Temporaries)));
+    t.free(
+        Category::Temporaries,
+        mask.min(t.live(Category::Temporaries)),
+    );
 
     // ---------------- optimizer
     t.phase(Phase::Optimizer);
@@ -301,8 +309,11 @@ fn finish(
         })
         .collect();
     let peak = t.peak();
-    let resident_bytes =
-        res.weights + res.quant_constants + res.adapters + res.optimizer_state + profile.workspace_bytes;
+    let resident_bytes = res.weights
+        + res.quant_constants
+        + res.adapters
+        + res.optimizer_state
+        + profile.workspace_bytes;
     let transient = peak.saturating_sub(resident_bytes);
     let reserve = (transient as f64 * RESERVE_FRACTION + resident_bytes as f64 * RESIDENT_ROUNDING)
         .round() as u128;

@@ -108,9 +108,9 @@ pub fn resident(job: &Job) -> Resident {
     // Base weights.
     let nonlinear = counts.embedding + counts.lm_head + counts.other;
     let (lin_data, lin_consts) = job.model.layer_linears().iter().fold((0, 0), |acc, l| {
-        let (d, c) = job
-            .weights
-            .storage_bytes(l.out_features * l.copies, l.in_features, job.double_quant);
+        let (d, c) =
+            job.weights
+                .storage_bytes(l.out_features * l.copies, l.in_features, job.double_quant);
         (acc.0 + d * m.layers, acc.1 + c * m.layers)
     });
     r.weights = lin_data + nonlinear * dense_bytes;

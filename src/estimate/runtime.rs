@@ -14,26 +14,93 @@
 //!   [`RESERVE_FRACTION`] of those plus a fixed 2% of resident bytes. Approximate: ±10% of the
 //!   reserved total.
 
-use serde::Serialize;
+use std::path::Path;
 
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
 use crate::units::MIB;
 
 /// A framework's fixed costs.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RuntimeProfile {
-    pub name: &'static str,
+    pub name: String,
     pub workspace_bytes: u128,
     pub cuda_context_bytes: u128,
 }
 
+/// Measured overheads written by `memplan probe --save-calibration` and read by
+/// `memplan estimate --calibration`. Absent fields keep the profile's value.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// Where the numbers were measured (GPU name, driver).
+    pub source: Option<String>,
+    pub cuda_context_bytes: Option<u64>,
+    pub workspace_bytes: Option<u64>,
+}
+
+impl Calibration {
+    pub fn load(path: &Path) -> Result<Calibration, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| Error::BadConfig {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a struct of options serializes to TOML")
+    }
+}
+
+impl RuntimeProfile {
+    /// The PyTorch CUDA profile with calibrated overheads substituted.
+    pub fn calibrated(&self, cal: &Calibration) -> RuntimeProfile {
+        RuntimeProfile {
+            name: match &cal.source {
+                Some(s) => format!("{} (calibrated: {s})", self.name),
+                None => format!("{} (calibrated)", self.name),
+            },
+            workspace_bytes: cal.workspace_bytes.map_or(self.workspace_bytes, u128::from),
+            cuda_context_bytes: cal
+                .cuda_context_bytes
+                .map_or(self.cuda_context_bytes, u128::from),
+        }
+    }
+}
+
 /// PyTorch 2.11 on an H200 (`../shared/groundtruth/h200-pytorch.jsonl`, `meta`).
-pub const PYTORCH_CUDA: RuntimeProfile = RuntimeProfile {
-    name: "pytorch-cuda",
-    workspace_bytes: 64 * MIB,
-    cuda_context_bytes: 648_871_936,
-};
+pub fn pytorch_cuda() -> RuntimeProfile {
+    RuntimeProfile {
+        name: "pytorch-cuda".into(),
+        workspace_bytes: 64 * MIB,
+        cuda_context_bytes: 648_871_936,
+    }
+}
 
 /// Fraction of the step's transient bytes the caching allocator holds back as fragmentation.
 pub const RESERVE_FRACTION: f64 = 0.15;
 /// Fraction of resident bytes lost to block rounding.
 pub const RESIDENT_ROUNDING: f64 = 0.02;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calibration_round_trips_and_overrides() {
+        let cal = Calibration {
+            source: Some("NVIDIA H200".into()),
+            cuda_context_bytes: Some(500_000_000),
+            workspace_bytes: None,
+        };
+        let back: Calibration = toml::from_str(&cal.to_toml()).unwrap();
+        assert_eq!(back, cal);
+        let p = pytorch_cuda().calibrated(&cal);
+        assert_eq!(p.cuda_context_bytes, 500_000_000);
+        assert_eq!(p.workspace_bytes, 64 * MIB);
+    }
+}

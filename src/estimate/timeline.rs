@@ -134,7 +134,10 @@ impl Timeline {
     /// in release builds and caught by a debug assertion in tests.
     pub fn free(&mut self, cat: Category, bytes: u128) {
         let live = &mut self.live[cat.index()];
-        debug_assert!(*live >= bytes, "freeing {bytes} of {cat:?} with {live} live");
+        debug_assert!(
+            *live >= bytes,
+            "freeing {bytes} of {cat:?} with {live} live"
+        );
         let b = bytes.min(*live);
         *live -= b;
         self.total -= b;
@@ -197,10 +200,17 @@ mod tests {
         assert_eq!(t.peak(), 150);
         assert_eq!(t.peak_phase(), Phase::Forward);
         let at: Vec<_> = t.at_peak().filter(|(_, b)| *b > 0).collect();
-        assert_eq!(at, vec![(Category::Weights, 100), (Category::Activations, 50)]);
+        assert_eq!(
+            at,
+            vec![(Category::Weights, 100), (Category::Activations, 50)]
+        );
         assert_eq!(
             t.phase_peaks(),
-            vec![(Phase::Load, 100), (Phase::Forward, 150), (Phase::Backward, 150)]
+            vec![
+                (Phase::Load, 100),
+                (Phase::Forward, 150),
+                (Phase::Backward, 150)
+            ]
         );
         assert_eq!(t.total(), 130);
     }

@@ -111,10 +111,7 @@ impl HfConfig {
                 let experts = need(self.num_local_experts, "num_local_experts")?;
                 let k = need(self.num_experts_per_tok, "num_experts_per_tok")?;
                 if k > experts {
-                    return Err(field(
-                        "num_experts_per_tok",
-                        "exceeds num_local_experts",
-                    ));
+                    return Err(field("num_experts_per_tok", "exceeds num_local_experts"));
                 }
                 Some(Moe {
                     experts,

@@ -156,10 +156,11 @@ pub fn resolve_model(arg: &str) -> Result<(ModelShape, ModelSource), Error> {
 
 fn synthetic(arg: &str, params: f64) -> Result<(ModelShape, ModelSource), Error> {
     let label = arg.to_ascii_uppercase();
-    if let Some(p) = presets()
-        .iter()
-        .find(|p| p.size.as_deref().is_some_and(|s| s.eq_ignore_ascii_case(arg)))
-    {
+    if let Some(p) = presets().iter().find(|p| {
+        p.size
+            .as_deref()
+            .is_some_and(|s| s.eq_ignore_ascii_case(arg))
+    }) {
         let detail = format!("{label} = {} ({})", p.name, p.source);
         return Ok((p.shape.clone(), ModelSource::Synthetic(detail)));
     }
@@ -188,7 +189,9 @@ fn synthetic(arg: &str, params: f64) -> Result<(ModelShape, ModelSource), Error>
         s.param_counts().total - with_one
     };
     let fixed = shape.param_counts().total - shape.layers * one_layer;
-    let layers = ((params - fixed as f64) / one_layer as f64).round().max(1.0) as u128;
+    let layers = ((params - fixed as f64) / one_layer as f64)
+        .round()
+        .max(1.0) as u128;
     shape.layers = layers;
     shape.name = format!("synthetic-{label}");
     let detail = format!(
