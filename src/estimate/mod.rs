@@ -368,3 +368,106 @@ fn finish(
         runtime: profile,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::resolve_model;
+    use crate::units::GIB;
+
+    fn job(model: &str, method: Method) -> Job {
+        Job::new(resolve_model(model).unwrap().0, method)
+    }
+
+    #[test]
+    fn components_sum_to_the_peak() {
+        for method in [Method::Full, Method::Lora, Method::Qlora, Method::Inference] {
+            let e = estimate(&job("llama-3.2-1b", method)).unwrap();
+            let sum: u128 = e
+                .components
+                .iter()
+                .filter(|c| c.allocated)
+                .map(|c| c.bytes.0)
+                .sum();
+            assert_eq!(sum, e.peak_allocated_bytes.0, "{method}");
+            assert!(e.peak_reserved_bytes >= e.peak_allocated_bytes);
+            assert!(e.device_bytes > e.peak_reserved_bytes);
+        }
+    }
+
+    #[test]
+    fn lora_peak_is_the_loss_backward_spike() {
+        // 1B LoRA, b1 s512: resident + saved activations + 12 B per logit (log-softmax + two
+        // fp32 gradients), by hand: 512 × 128,256 × 12 = 788,013,056 B of logits at the peak.
+        let mut j = job("llama-3.2-1b", Method::Lora);
+        j.seq = 512;
+        let e = estimate(&j).unwrap();
+        assert_eq!(e.peak_phase, "backward");
+        assert_eq!(e.component("logits").unwrap().bytes.0, 512 * 128_256 * 12);
+    }
+
+    #[test]
+    fn full_fine_tuning_short_sequence_peaks_in_the_optimizer() {
+        let mut j = job("llama-3.1-8b", Method::Full);
+        j.seq = 512;
+        let e = estimate(&j).unwrap();
+        assert_eq!(e.peak_phase, "optimizer");
+        // weights + grads + 2 states + foreach temp = 5 × 2 B/param + 64 MiB workspace.
+        assert_eq!(
+            e.peak_allocated_bytes.0,
+            10 * 8_030_261_248 + 64 * (1 << 20)
+        );
+        j.optimizer = crate::method::Optimizer::AdamwFused;
+        assert_eq!(estimate(&j).unwrap().peak_phase, "backward");
+    }
+
+    #[test]
+    fn checkpointing_cuts_activations() {
+        let mut j = job("llama-3.1-8b", Method::Qlora);
+        j.batch = 4;
+        let off = estimate(&j).unwrap().peak_allocated_bytes;
+        j.grad_checkpointing = true;
+        let on = estimate(&j).unwrap().peak_allocated_bytes;
+        assert!(on.0 * 4 < off.0, "{on} vs {off}");
+    }
+
+    #[test]
+    fn inference_kv_cache_is_gqa_aware() {
+        let mut j = job("llama-3.1-8b", Method::Inference);
+        j.seq = 8192;
+        let e = estimate(&j).unwrap();
+        // 2 × 32 layers × 8 kv heads × 128 × 8192 tokens × 2 B = 1 GiB.
+        assert_eq!(e.component("kv_cache").unwrap().bytes.0, GIB);
+        assert!(e.component("gradients").is_none());
+    }
+
+    #[test]
+    fn a_trillion_parameters_at_a_million_tokens_does_not_overflow() {
+        let mut j = job("1000B", Method::Full);
+        j.seq = 1 << 20;
+        j.batch = 64;
+        let e = estimate(&j).unwrap();
+        // The logits alone: 64 × 2^20 tokens × 128,256 × 12 B ≈ 1.03e17 B at the loss spike.
+        assert!(e.peak_allocated_bytes.0 > 64 * (1 << 20) * 128_256 * 12);
+        j.attention = crate::method::Attention::Eager;
+        assert!(estimate(&j).unwrap().peak_allocated_bytes > e.peak_allocated_bytes);
+    }
+
+    #[test]
+    fn moe_trains_all_experts_but_activates_k() {
+        let j = job("mixtral-8x7b", Method::Qlora);
+        let e = estimate(&j).unwrap();
+        assert_eq!(e.model.params_total, 46_702_792_704);
+        assert!(e.peak_allocated_bytes.gib() > 20.0 && e.peak_allocated_bytes.gib() < 80.0);
+    }
+
+    #[test]
+    fn invalid_jobs_are_errors_not_panics() {
+        let mut j = job("llama-3.2-1b", Method::Lora);
+        j.lora.as_mut().unwrap().rank = 100_000;
+        assert!(estimate(&j).is_err());
+        let mut j = job("llama-3.2-1b", Method::Full);
+        j.seq = 0;
+        assert!(estimate(&j).is_err());
+    }
+}
