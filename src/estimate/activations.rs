@@ -11,7 +11,8 @@
 //!   and v (and gate, up) each save their own 16-bit copy.
 //! - peft LoRA casts the input to the adapter dtype (fp32) per module, then dropout: saved are
 //!   the fp32 dropout output and its bool mask (5 B/element), or the fp32 copy (4 B) without
-//!   dropout, or nothing extra when the input already is fp32 and dropout is off.
+//!   dropout, or nothing extra when the input already is fp32 and dropout is off; lora_B saves
+//!   lora_A's fp32 output (4·r B/token per module).
 //! - RoPE saves only cos/sin. SDPA (flash / memory-efficient) saves q, k, v, its output and an
 //!   fp32 log-sum-exp per head; with GQA and no mask it runs without repeating k/v
 //!   (`enable_gqa`). Its output, transposed back, is contiguous and is o_proj's input.
@@ -122,6 +123,9 @@ fn consumers(job: &Job, dt: &Dtypes, input_bytes: u128, modules: &[Linear]) -> C
                 c.saves_shared = true;
             }
         } else if let Some(l) = lora.filter(|l| l.targets.contains(&m.kind)) {
+            // lora_B (a trainable nn.Linear) saves its input: lora_A's fp32 output, r wide.
+            let tokens = m.copies_per_token_num() / m.tokens_den.max(1);
+            c.own_copies += ADAPTER_BYTES * l.rank * tokens.max(1);
             if l.dropout > 0.0 {
                 c.own_copies += (ADAPTER_BYTES + 1) * n;
             } else if input_bytes == ADAPTER_BYTES && m.copies == 1 {
@@ -382,6 +386,7 @@ mod tests {
         let by_hand = 2 * (4 * 2048 + 4)
             + 6 * 4 * 2048
             + 4 * 8192
+            + 7 * 4 * 16 // lora_B inputs: 7 modules × r = 16 fp32
             + (2 * (2 * 2048 + 2 * 512) + 4 * 32)
             + 3 * 2 * 8192;
         assert_eq!(per_token(&j), by_hand);
