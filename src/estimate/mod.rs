@@ -30,7 +30,7 @@ use crate::units::Bytes;
 
 use activations::{layer_profile, norm_saved_per_token, Dtypes, LayerProfile};
 use resident::{resident, Resident};
-use runtime::{pytorch_cuda, RuntimeProfile, RESERVE_FRACTION, RESIDENT_ROUNDING};
+use runtime::{pytorch_cuda, RuntimeProfile, RESIDENT_ROUNDING};
 pub use timeline::{Category, Phase, Timeline};
 
 /// The model as the estimate saw it.
@@ -119,6 +119,8 @@ struct StepExplain {
     logits: String,
     temporaries: String,
     kv_cache: String,
+    /// The largest single transient buffer (sets the allocator reserve).
+    largest_block: u128,
 }
 
 fn train_step(job: &Job, res: &Resident, t: &mut Timeline) -> StepExplain {
@@ -247,6 +249,19 @@ fn train_step(job: &Job, res: &Resident, t: &mut Timeline) -> StepExplain {
             res.optimizer_step_temp
         ),
         kv_cache: String::new(),
+        largest_block: [
+            lg.grad_fp32,
+            lg.raw,
+            tokens * m.intermediate * dt.linear_out,
+            if job.attention == crate::method::Attention::Eager {
+                job.batch * m.heads * job.seq * job.seq * 4
+            } else {
+                0
+            },
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0),
     }
 }
 
@@ -289,6 +304,9 @@ fn accuracy(job: &Job, c: Category) -> &'static str {
         },
         Category::Activations if job.model.moe.is_some() => {
             "approximate: MoE routing modelled as k experts per token; unvalidated, expect ±15%"
+        }
+        Category::Activations if job.weights == crate::dtype::Precision::Int8 => {
+            "approximate: what bitsandbytes' LLM.int8 matmul saves is not measured; expect ±10%"
         }
         Category::Activations if job.method == Method::Inference => {
             "approximate: one layer's working set; expect ±10%"
@@ -344,17 +362,16 @@ fn finish(
         + res.adapters
         + res.optimizer_state
         + profile.workspace_bytes;
-    let transient = peak.saturating_sub(resident_bytes);
-    let reserve = (transient as f64 * RESERVE_FRACTION + resident_bytes as f64 * RESIDENT_ROUNDING)
-        .round() as u128;
+    let block = step.largest_block;
+    let reserve = block + (resident_bytes as f64 * RESIDENT_ROUNDING).round() as u128;
     components.push(Component {
         name: "allocator_reserve",
         bytes: Bytes(reserve),
         explain: format!(
-            "caching-allocator rounding and fragmentation: {RESERVE_FRACTION} × {transient} B transient + {RESIDENT_ROUNDING} × {resident_bytes} B resident"
+            "caching-allocator fragmentation and rounding: the largest transient block ({block} B, kept cached once split) + {RESIDENT_ROUNDING} × {resident_bytes} B resident"
         ),
         allocated: false,
-        accuracy: "approximate: peak reserved off by a median 6%, worst 23% on the H200 measurements",
+        accuracy: "approximate: peak reserved off by a median 2.9%, worst 19% on the H200 measurements",
     });
     if res.optimizer_paged > 0 {
         components.push(Component {
