@@ -11,7 +11,7 @@ pub enum Error {
     #[error("unknown GPU '{name}'{suggestion}; `memplan gpus` lists the presets, or pass a size like 24GB")]
     UnknownGpu { name: String, suggestion: String },
 
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

@@ -138,6 +138,26 @@ impl Job {
         if self.seq == 0 {
             return bad("--seq must be at least 1 token".into());
         }
+        // Bounds that keep every product of the model (b·heads·s² scores × layers × bytes) far
+        // inside u128 while allowing any real configuration (a 1T model at 64 × 1M tokens).
+        const MAX_SEQ: u128 = 1 << 32;
+        const MAX_TOKENS: u128 = 1 << 40;
+        if self.seq > MAX_SEQ {
+            return bad(format!(
+                "--seq {} exceeds the supported 2^32 tokens",
+                self.seq
+            ));
+        }
+        if self
+            .batch
+            .checked_mul(self.seq)
+            .is_none_or(|t| t > MAX_TOKENS)
+        {
+            return bad(format!(
+                "--batch {} × --seq {} exceeds the supported 2^40 tokens per micro-batch",
+                self.batch, self.seq
+            ));
+        }
         if !self.compute.is_float() {
             return bad(format!(
                 "--compute {} is not a compute dtype: use fp32, fp16 or bf16",

@@ -195,6 +195,30 @@ fn bad_input_gets_one_clear_error() {
         "qlora",
     );
     fails_with(&["table"], "--seed");
+    fails_with(
+        &[
+            "estimate",
+            "--model",
+            "8B",
+            "--batch",
+            "18446744073709551615",
+            "--seq",
+            "18446744073709551615",
+        ],
+        "2^32",
+    );
+    fails_with(
+        &[
+            "estimate",
+            "--model",
+            "8B",
+            "--batch",
+            "4294967296",
+            "--seq",
+            "4294967296",
+        ],
+        "2^40",
+    );
 }
 
 #[test]
