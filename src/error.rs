@@ -17,6 +17,12 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
     #[error("{path}: not a valid config.json: {message}")]
     BadConfig { path: PathBuf, message: String },
 
