@@ -17,10 +17,11 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    #[error("cannot write {path}: {source}")]
+    /// The reason is part of the message, not a `source`, so `{:#}` does not print it twice.
+    #[error("cannot write {path}: {reason}")]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
 
     #[error("{path}: not a valid config.json: {message}")]

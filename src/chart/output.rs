@@ -37,9 +37,9 @@ impl OutputFormat {
 /// Writes `bytes` to `path` whole or not at all: into a temporary file beside it, then renamed
 /// over it, so a reader never sees half a chart and a failure leaves no file behind.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let err = |source: std::io::Error| Error::Write {
+    let err = |reason: std::io::Error| Error::Write {
         path: path.to_path_buf(),
-        source,
+        reason,
     };
     let name = path
         .file_name()

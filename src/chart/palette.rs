@@ -23,6 +23,7 @@ impl Rgb {
 
 /// Component name (as in `Estimate::components`) and its colour, in stacking order (bottom
 /// first): what the model owns, then what training adds, then runtime overhead.
+// ANCHOR: palette
 pub const COMPONENT_COLOURS: [(&str, Rgb); 13] = [
     ("weights", Rgb(0x33, 0x22, 0x88)),               // Tol indigo
     ("quant_constants", Rgb(0x88, 0xcc, 0xee)),       // Tol cyan
@@ -38,6 +39,7 @@ pub const COMPONENT_COLOURS: [(&str, Rgb); 13] = [
     ("allocator_reserve", Rgb(0xbb, 0xbb, 0xbb)),     // light grey
     ("cuda_context", Rgb(0x88, 0x88, 0x88)),          // mid grey
 ];
+// ANCHOR_END: palette
 
 /// Colour of a component not in [`COMPONENT_COLOURS`] (a component added to the estimator
 /// later still draws, in Tol's "pale grey").

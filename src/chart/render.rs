@@ -144,7 +144,7 @@ pub(crate) fn gib_label(bytes: Bytes) -> String {
 /// Axis numbers: 512, 2k, 11.2k, 1.5M; multiples of 1024 in binary thousands, as sequence
 /// lengths are spoken (4096 is "4k").
 pub(crate) fn count_label(v: f64) -> String {
-    if v >= 1024.0 && v < 1e6 && v % 1024.0 == 0.0 {
+    if (1024.0..1e6).contains(&v) && v % 1024.0 == 0.0 {
         format!("{}k", v / 1024.0)
     } else if v >= 1e6 {
         trim(format!("{:.1}", v / 1e6)) + "M"
@@ -186,14 +186,16 @@ mod tests {
         assert_eq!(count_label(3000.0), "3k");
         assert_eq!(count_label(11_213.0), "11.2k");
         assert_eq!(count_label(512.0), "512");
-        let gpus: Vec<Gpu> = ["h100", "rtx-4090", "a100-80gb"]
+        let rtx = crate::gpu::resolve_gpu("rtx-4090").unwrap();
+        let same = format!("{}MiB", rtx.memory_mib);
+        let gpus: Vec<Gpu> = ["h100", "rtx-4090", &same]
             .iter()
             .map(|g| crate::gpu::resolve_gpu(g).unwrap())
             .collect();
         let lines = capacity_lines(&gpus);
         assert_eq!(lines.len(), 2);
-        assert_eq!(lines[0].1, "rtx-4090 (24.0 GiB)");
-        assert_eq!(lines[1].1, "h100-80gb, a100-80gb (80.0 GiB)");
+        assert_eq!(lines[0].1, format!("rtx-4090, {same} (24.0 GiB)"));
+        assert_eq!(lines[1].0, gpus[0].memory());
         assert_eq!(gib_label(Bytes(3 << 29)), "1.5");
     }
 }
