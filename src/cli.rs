@@ -236,6 +236,8 @@ pub struct JobSettings {
 impl JobSettings {
     /// One job per model × method (models outer), batch and sequence length as given.
     fn jobs(&self, models: &str, methods: &str, batch: u64, seq: u64) -> Result<Vec<Job>> {
+        memplan::chart::values::check_value("--batch", batch.into())?;
+        memplan::chart::values::check_value("--seq", seq.into())?;
         let methods = list("--method", methods)?;
         let mut jobs = Vec::new();
         for m in list("--model", models)? {

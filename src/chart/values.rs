@@ -15,6 +15,22 @@ use crate::error::Error;
 /// The most values one flag may expand to.
 pub const MAX_POINTS: usize = 10_000;
 
+/// The largest batch size or sequence length a chart takes (2^32): far beyond any real run,
+/// and small enough that every product the estimator forms (batch × seq² × heads × bytes for
+/// eager attention) stays inside `u128`.
+pub const MAX_VALUE: u128 = 1 << 32;
+
+/// Rejects a value above [`MAX_VALUE`].
+pub fn check_value(flag: &'static str, value: u128) -> Result<u128, Error> {
+    if value > MAX_VALUE {
+        Err(Error::Unsupported(format!(
+            "{flag} {value} is beyond the largest value charts take ({MAX_VALUE})"
+        )))
+    } else {
+        Ok(value)
+    }
+}
+
 /// Parses `text` (the value of `flag`) into sorted, distinct positive integers.
 pub fn parse_values(flag: &'static str, text: &str) -> Result<Vec<u128>, Error> {
     let mut out = Vec::new();
@@ -43,6 +59,9 @@ pub fn parse_values(flag: &'static str, text: &str) -> Result<Vec<u128>, Error> 
     }
     out.sort_unstable();
     out.dedup();
+    if let Some(&last) = out.last() {
+        check_value(flag, last)?;
+    }
     Ok(out)
 }
 
@@ -163,6 +182,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("more than 10000"), "{e}");
+        let e = parse_values("--seq", "1..8589934592")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("beyond"), "{e}");
+        assert_eq!(parse_values("--seq", "4294967296").unwrap(), vec![1 << 32]);
         for bad in ["", "0", "a", "1..", "1..8:0", "1..8*1", "1,,2", "-4"] {
             assert!(parse_values("--batch", bad).is_err(), "{bad:?}");
         }

@@ -2,6 +2,7 @@
 //! page of `memplan report`. Pages are self-contained: styles inline, charts as inline SVG,
 //! no scripts, fonts or links to fetch, so they open offline from a mail attachment.
 
+use crate::chart::values::check_value;
 use crate::chart::{breakdown, palette::component_colour, svg, sweep, BreakdownChart, SweepChart};
 use crate::error::Error;
 use crate::estimate::Estimate;
@@ -74,6 +75,8 @@ pub fn chart_page(title: &str, svg: &str) -> String {
 
 /// The capacity-review page of `memplan report` for `job` against `gpus`.
 pub fn review(job: &Job, gpus: &[Gpu]) -> Result<String, Error> {
+    check_value("--batch", job.batch)?;
+    check_value("--seq", job.seq)?;
     let bars: BreakdownChart = breakdown(std::slice::from_ref(job), gpus)?;
     let est = &bars.bars[0].estimate;
     let sweep_chart = sweep(
@@ -98,12 +101,13 @@ pub fn review(job: &Job, gpus: &[Gpu]) -> Result<String, Error> {
     b += &breakdown_table(est);
     b += "<h2>Charts</h2>\n";
     b += &format!(
-        "<figure id=\"breakdown-chart\">{}</figure>\n",
+        "<figure id=\"breakdown-chart\">{}<figcaption>Where the memory goes at the step's peak; the bar's height is the device total.</figcaption></figure>\n",
         inline_svg(&svg(&bars)?)
     );
     b += &format!(
-        "<figure id=\"sweep-chart\">{}</figure>\n",
-        inline_svg(&svg(&sweep_chart)?)
+        "<figure id=\"sweep-chart\">{}<figcaption>Device memory against sequence length at batch {}; ringed: the longest sequence that fits each GPU, found by binary search on the estimator.</figcaption></figure>\n",
+        inline_svg(&svg(&sweep_chart)?),
+        job.batch
     );
     b += &sweep_summary(&sweep_chart);
     b += &assumptions(est);
