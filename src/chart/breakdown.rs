@@ -45,7 +45,7 @@ pub fn breakdown(jobs: &[Job], gpus: &[Gpu]) -> Result<BreakdownChart, Error> {
         .collect::<Result<Vec<_>, Error>>()?;
     let title = match jobs.first() {
         Some(j) => format!(
-            "GPU memory of one training step, batch {} × {} tokens",
+            "GPU memory at the peak of one step, batch {} × {} tokens",
             j.batch, j.seq
         ),
         None => return Err(Error::Unsupported("a breakdown chart needs a job".into())),

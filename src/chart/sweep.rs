@@ -177,7 +177,7 @@ const LEGEND_W: u32 = 400;
 impl Line {
     /// The drawn path in (axis value, GiB): the points and the crossings, so the line passes
     /// through its markers (between points it is straight, in whatever scale x is drawn).
-    pub fn path(&self) -> Vec<(f64, f64)> {
+    pub fn path_gib(&self) -> Vec<(f64, f64)> {
         let mut path: Vec<(u128, Bytes)> = self.points.clone();
         for c in &self.crossings {
             if let (Reach::UpTo(v), Some(b)) = (c.reach, c.at_bytes) {
@@ -275,7 +275,7 @@ impl SweepChart {
             let colour = line_colour(i).plotters();
             let pts = line.points.iter().map(|&(x, b)| (x as f64, b.gib()));
             chart
-                .draw_series(LineSeries::new(line.path(), colour.stroke_width(3)))
+                .draw_series(LineSeries::new(line.path_gib(), colour.stroke_width(3)))
                 .map_err(|e| e.to_string())?;
             if line.points.len() <= 64 {
                 chart
