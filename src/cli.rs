@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Per-component memory breakdown of one training step (or an inference prefill).
-    Estimate(EstimateArgs),
+    Estimate(Box<EstimateArgs>),
     /// List the model presets with parameter counts.
     Models(FormatArgs),
     /// List the GPU presets.

@@ -127,13 +127,14 @@ mod tests {
             .unwrap()
             .1;
         assert!(full32.0 > 16 * r7.params);
-        // QLoRA is far below the training rule.
+        // QLoRA is far below the training rule (under half its 16 B/param floor), although
+        // its activations at 2048 tokens exceed its 4-bit weights.
         let q = r7
             .memplan
             .iter()
             .find(|(l, _)| l.starts_with("QLoRA"))
             .unwrap()
             .1;
-        assert!(q.0 < 4 * r7.params);
+        assert!(q.0 < 8 * r7.params);
     }
 }

@@ -11,6 +11,7 @@ struct Case {
     id: String,
     job: Job,
     measured: u128,
+    measured_reserved: u128,
     phase: String,
 }
 
@@ -63,10 +64,15 @@ fn load_cases() -> Vec<Case> {
                 .as_u64()
                 .unwrap()
                 .max(s["peak_alloc_step2"].as_u64().unwrap());
+            let reserved = s["peak_reserved_step1"]
+                .as_u64()
+                .unwrap()
+                .max(s["peak_reserved_step2"].as_u64().unwrap());
             Case {
                 id: r["id"].as_str().unwrap().to_string(),
                 job,
                 measured: measured.into(),
+                measured_reserved: reserved.into(),
                 phase: s["peak_phase_step2"].as_str().unwrap_or("").to_string(),
             }
         })
@@ -79,8 +85,9 @@ fn estimator_matches_h200_measurements() {
     assert_eq!(cases.len(), 75, "all 75 measured cases are loaded");
     let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
     let mut errors = Vec::new();
+    let mut reserved_errors = Vec::new();
     println!(
-        "{:<62} {:>9} {:>9} {:>7}  phase(meas/est)",
+        "{:<62} {:>9} {:>9} {:>7}  phase(meas/est)  reserved(meas/est/err)",
         "case", "measured", "estimate", "error"
     );
     for c in &cases {
@@ -88,14 +95,20 @@ fn estimator_matches_h200_measurements() {
         let e = est.peak_allocated_bytes.0;
         let err = (e as f64 - c.measured as f64) / c.measured as f64;
         errors.push(err.abs());
+        let r = est.peak_reserved_bytes.0;
+        let rerr = (r as f64 - c.measured_reserved as f64) / c.measured_reserved as f64;
+        reserved_errors.push(rerr.abs());
         println!(
-            "{:<62} {:>9.2} {:>9.2} {:>+6.1}%  {}/{}",
+            "{:<62} {:>9.2} {:>9.2} {:>+6.1}%  {}/{}  {:.2}/{:.2}/{:+.1}%",
             c.id,
             gib(c.measured),
             gib(e),
             err * 100.0,
             c.phase,
-            est.peak_phase
+            est.peak_phase,
+            gib(c.measured_reserved),
+            gib(r),
+            rerr * 100.0
         );
     }
     errors.sort_by(f64::total_cmp);
@@ -106,6 +119,12 @@ fn estimator_matches_h200_measurements() {
         median * 100.0,
         worst * 100.0,
         errors.iter().sum::<f64>() / errors.len() as f64 * 100.0
+    );
+    reserved_errors.sort_by(f64::total_cmp);
+    println!(
+        "peak_reserved_bytes (approximate): median |error| {:.2}%, worst {:.2}%",
+        reserved_errors[reserved_errors.len() / 2] * 100.0,
+        reserved_errors[reserved_errors.len() - 1] * 100.0
     );
     assert!(median <= 0.05, "median error {:.2}% > 5%", median * 100.0);
     assert!(worst <= 0.12, "worst error {:.2}% > 12%", worst * 100.0);

@@ -11,7 +11,8 @@
 //!   and v (and gate, up) each save their own 16-bit copy.
 //! - peft LoRA casts the input to the adapter dtype (fp32) per module, then dropout: saved are
 //!   the fp32 dropout output and its bool mask (5 B/element), or the fp32 copy (4 B) without
-//!   dropout, or nothing extra when the input already is fp32 and dropout is off.
+//!   dropout, or nothing extra when the input already is fp32 and dropout is off; lora_B saves
+//!   lora_A's fp32 output (4·r B/token per module).
 //! - RoPE saves only cos/sin. SDPA (flash / memory-efficient) saves q, k, v, its output and an
 //!   fp32 log-sum-exp per head; with GQA and no mask it runs without repeating k/v
 //!   (`enable_gqa`). Its output, transposed back, is contiguous and is o_proj's input.
@@ -122,6 +123,9 @@ fn consumers(job: &Job, dt: &Dtypes, input_bytes: u128, modules: &[Linear]) -> C
                 c.saves_shared = true;
             }
         } else if let Some(l) = lora.filter(|l| l.targets.contains(&m.kind)) {
+            // lora_B (a trainable nn.Linear) saves its input: lora_A's fp32 output, r wide.
+            let tokens = m.copies_per_token_num() / m.tokens_den.max(1);
+            c.own_copies += ADAPTER_BYTES * l.rank * tokens.max(1);
             if l.dropout > 0.0 {
                 c.own_copies += (ADAPTER_BYTES + 1) * n;
             } else if input_bytes == ADAPTER_BYTES && m.copies == 1 {
@@ -341,5 +345,85 @@ pub fn layer_profile(job: &Job, tokens: u128) -> LayerProfile {
         mlp_grads: trainable_grads(job, &mlp_mods, h),
         attn_saved_per_token: attn,
         mlp_saved_per_token: mlp,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::resolve_model;
+
+    fn job(method: Method) -> Job {
+        Job::new(resolve_model("llama-3.2-1b").unwrap().0, method)
+    }
+
+    fn per_token(j: &Job) -> u128 {
+        let p = layer_profile(j, 1);
+        p.attn_saved_per_token + p.mlp_saved_per_token
+    }
+
+    // Llama-3.2-1B: h = 2048, q = 32·64 = 2048, kv = 8·64 = 512, i = 8192, bf16.
+
+    #[test]
+    fn full_bf16_sdpa_layer_by_hand() {
+        // 2 norms × (4h fp32 copy + 4 rsqrt + 2h normed) + 2 shared norm outputs 2h
+        // + SDPA q,k,v,out 2·(2q + 2kv) + lse 4·32 + MLP 4 × 2i (gate, silu, up, product).
+        let norms = 2 * (4 * 2048 + 4 + 2 * 2048) + 2 * 2 * 2048;
+        let attn = 2 * (2 * 2048 + 2 * 512) + 4 * 32;
+        let mlp = 4 * 2 * 8192;
+        assert_eq!(per_token(&job(Method::Full)), norms + attn + mlp);
+        // Measured (groundtruth, 1B b4 s2048 minus logits and final norm): 108,688 B.
+        let err = (per_token(&job(Method::Full)) as f64 - 108_688.0) / 108_688.0;
+        assert!(err.abs() < 0.002, "{err}");
+    }
+
+    #[test]
+    fn lora_layer_by_hand_with_and_without_dropout() {
+        let mut j = job(Method::Lora);
+        j.lora.as_mut().unwrap().dropout = 0.0;
+        // Frozen norms 2 × (4h + 4); per-module fp32 input copies q,k,v,o,gate,up (6 × 4h) and
+        // down (4i); SDPA as above; MLP silu/mul 3 × 2i.
+        let by_hand = 2 * (4 * 2048 + 4)
+            + 6 * 4 * 2048
+            + 4 * 8192
+            + 7 * 4 * 16 // lora_B inputs: 7 modules × r = 16 fp32
+            + (2 * (2 * 2048 + 2 * 512) + 4 * 32)
+            + 3 * 2 * 8192;
+        assert_eq!(per_token(&j), by_hand);
+        // Dropout keeps fp32 output + bool mask instead of the fp32 copy: +1 B per element.
+        j.lora.as_mut().unwrap().dropout = 0.05;
+        assert_eq!(per_token(&j), by_hand + 6 * 2048 + 8192);
+    }
+
+    #[test]
+    fn qlora_saves_what_lora_saves_and_adds_dequantization_transients() {
+        let lora = layer_profile(&job(Method::Lora), 512);
+        let qlora = layer_profile(&job(Method::Qlora), 512);
+        assert_eq!(lora.saved(), qlora.saved());
+        // Largest 1B Linear: 2048 × 8192 bf16 = 32 MiB dequantized per matmul.
+        assert_eq!(qlora.fwd_transient - lora.fwd_transient, 2048 * 8192 * 2);
+    }
+
+    #[test]
+    fn eager_attention_adds_six_bytes_per_score() {
+        let mut j = job(Method::Full);
+        j.seq = 1024;
+        let sdpa = per_token(&j);
+        j.attention = Attention::Eager;
+        let eager = per_token(&j);
+        // 6 B × 32 heads × 1024 keys per token; k,v repeated to 32 heads (2·2·(2048−512)); no
+        // lse. (o_proj saves eager's transposed copy, 2q, where SDPA's saved output served.)
+        let expected = 6 * 32 * 1024 + 2 * 2 * (2048 - 512) - 4 * 32;
+        assert_eq!(eager - sdpa, expected);
+    }
+
+    #[test]
+    fn autocast_keeps_per_linear_input_casts_and_fp32_norm_outputs() {
+        let mut j = job(Method::Full);
+        let bf16 = per_token(&j);
+        j.weights = Precision::Fp32;
+        // fp32 normed copies (+2h each) and separate bf16 casts for q,k,v (+2 × 2h) and
+        // gate,up (+2h): +10h; measured +10.1h on the 1B autocast cases.
+        assert_eq!(per_token(&j) - bf16, 10 * 2048);
     }
 }

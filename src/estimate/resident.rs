@@ -284,3 +284,114 @@ fn optimizer(job: &Job, trainable: &[Tensor], r: &mut Resident) {
         }
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::resolve_model;
+
+    fn job(model: &str, method: Method) -> Job {
+        Job::new(resolve_model(model).unwrap().0, method)
+    }
+
+    // Llama-3.2-1B by hand: 16 layers × (q 2048² + k,v 2·2048·512 + o 2048² + mlp 3·2048·8192)
+    // = 973,078,528 Linear weights; embedding 128,256·2048 = 262,668,288 (tied); norms 33·2048.
+    const LIN_1B: u128 = 973_078_528;
+    const NONLIN_1B: u128 = 262_668_288 + 33 * 2048;
+
+    #[test]
+    fn full_bf16_weights_and_adamw_states() {
+        let r = resident(&job("llama-3.2-1b", Method::Full));
+        assert_eq!(r.weights, 2 * 1_235_814_400);
+        assert_eq!(r.trainable_bytes, 2 * 1_235_814_400);
+        assert_eq!(r.optimizer_state, 4 * 1_235_814_400); // measured: 4,943,257,600 bf16
+        assert_eq!(r.optimizer_step_temp, 2 * 1_235_814_400);
+    }
+
+    #[test]
+    fn qlora_storage_matches_measured_bytes() {
+        let r = resident(&job("llama-3.2-1b", Method::Qlora));
+        // Packed NF4 + 16-bit embeddings/norms + fp32 adapters = measured stored_bytes.
+        assert_eq!(r.weights, LIN_1B / 2 + NONLIN_1B * 2);
+        assert_eq!(r.weights + r.adapters, 1_057_099_776);
+        // 16 layers × (2·16·(2048+2048) + 2·16·(2048+512) + 3·16·(2048+8192)) = 11,272,192.
+        assert_eq!(r.trainable_params, 11_272_192);
+        assert_eq!(r.quant_constants, 15_564_224); // measured quant_state_bytes
+        let mut j = job("llama-3.2-1b", Method::Qlora);
+        j.double_quant = false;
+        assert_eq!(resident(&j).quant_constants, 60_824_576);
+        assert_eq!(
+            resident(&job("llama-3.1-8b", Method::Qlora)).quant_constants,
+            111_000_448
+        );
+    }
+
+    #[test]
+    fn kbit_prep_casts_unquantized_parameters_to_fp32() {
+        let mut j = job("llama-3.2-1b", Method::Qlora);
+        j.kbit_prep = true;
+        assert_eq!(resident(&j).weights, LIN_1B / 2 + NONLIN_1B * 4);
+    }
+
+    #[test]
+    fn eight_bit_adamw_blocks_and_small_tensors() {
+        let mut j = job("llama-3.2-1b", Method::Full);
+        j.optimizer = Optimizer::Adamw8bit;
+        let r = resident(&j);
+        // 33 norm vectors of 2048 (< 4096 elements) keep two fp32 states; the rest are two
+        // uint8 states + two fp32 absmax per 256 elements. Measured: uint8 2,471,493,632 +
+        // fp32 39,389,184 − 113 tensors × 2 shared 256-entry qmaps counted per tensor.
+        let small = 33 * 2048;
+        let big = 1_235_814_400 - small;
+        assert_eq!(r.optimizer_state, 2 * big + 2 * (big / 256) * 4 + 8 * small);
+        assert_eq!(
+            r.optimizer_state,
+            2_471_493_632 + 39_389_184 - 113 * 2 * 256 * 4
+        );
+        assert_eq!(r.optimizer_step_temp, 0);
+    }
+
+    #[test]
+    fn paged_state_is_outside_the_allocator() {
+        let mut j = job("llama-3.2-1b", Method::Qlora);
+        j.optimizer = Optimizer::PagedAdamw;
+        let r = resident(&j);
+        assert_eq!(r.optimizer_state, 0);
+        assert_eq!(r.optimizer_paged, 8 * 11_272_192);
+    }
+
+    #[test]
+    fn sgd_and_adafactor_states() {
+        let mut j = job("llama-3.2-1b", Method::Lora);
+        j.optimizer = Optimizer::Sgd;
+        assert_eq!(resident(&j).optimizer_state, 0);
+        j.optimizer = Optimizer::SgdMomentum;
+        assert_eq!(resident(&j).optimizer_state, 4 * 11_272_192);
+        j.optimizer = Optimizer::Adafactor;
+        // LoRA A (16×in) and B (out×16) are matrices: (rows + cols) fp32 each.
+        let per_layer: u128 = [
+            (2048, 2048),
+            (2048, 512),
+            (2048, 512),
+            (2048, 2048),
+            (2048, 8192),
+            (2048, 8192),
+            (8192, 2048),
+        ]
+        .iter()
+        .map(|&(i, o)| (16 + i) + (o + 16))
+        .sum();
+        assert_eq!(resident(&j).optimizer_state, 16 * per_layer * 4);
+    }
+
+    #[test]
+    fn int8_weights_carry_row_scales() {
+        let mut j = job("llama-3.2-1b", Method::Lora);
+        j.weights = Precision::Int8;
+        j.compute = Precision::Bf16;
+        let r = resident(&j);
+        assert_eq!(r.weights, LIN_1B + NONLIN_1B * 2);
+        // One fp32 scale per output row: 16 × (2048 + 512 + 512 + 2048 + 8192 + 8192 + 2048).
+        assert_eq!(r.quant_constants, 16 * 23_552 * 4);
+    }
+}

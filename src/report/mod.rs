@@ -144,7 +144,7 @@ fn estimate_sheet(job: &Job, est: &Estimate, fit: Option<&Fit>, explain: bool) -
                 },
             ];
             if explain {
-                r.push(c.explain.clone());
+                r.push(format!("{} [accuracy: {}]", c.explain, c.accuracy));
             }
             r
         })
