@@ -24,7 +24,7 @@ fn main() -> anyhow::Result<()> {
     let chart = sweep(&jobs, &seqs, &[1], &gpus)?;
     for line in &chart.lines {
         for c in &line.crossings {
-            println!("{}: {}", line.label, c.text); // "qlora: fits up to 8,951 tokens on rtx-4090"
+            println!("{}: {}", line.label, c.text); // "qlora: fits up to 8,027 tokens on rtx-4090"
         }
     }
     let format = OutputFormat::from_path(out.as_ref())?;

@@ -135,6 +135,30 @@ mod tests {
         }
     }
 
+    /// The search's assumption: device memory never falls as tokens or samples grow.
+    #[test]
+    fn device_memory_never_falls_with_more_tokens_or_samples() {
+        use crate::method::Attention;
+        let (m, _) = resolve_model("llama-3.2-1b").unwrap();
+        for method in [Method::Full, Method::Lora, Method::Qlora, Method::Inference] {
+            for ckpt in [false, true] {
+                for attention in [Attention::Sdpa, Attention::Eager] {
+                    let mut job = Job::new(m.clone(), method);
+                    job.grad_checkpointing = ckpt;
+                    job.attention = attention;
+                    for axis in [SweepAxis::Seq, SweepAxis::Batch] {
+                        let mut prev = 0;
+                        for v in (1..=4096).step_by(37) {
+                            let d = device(&axis.at(&job, v));
+                            assert!(d >= prev, "{method} {axis:?}={v} ckpt={ckpt} {attention}");
+                            prev = d;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn ranges_that_fit_wholly_or_not_at_all() {
         let (m, _) = resolve_model("llama-3.1-8b").unwrap();

@@ -12,7 +12,7 @@ use crate::units::Bytes;
 
 /// Where the estimator's accuracy was measured. The figures are those `tests/groundtruth.rs`
 /// asserts over `tests/data/h200-pytorch.jsonl`; the book's validation chapter has the table.
-pub const VALIDATION_SUMMARY: &str = "Peak allocated memory (torch.cuda.max_memory_allocated) was compared with 75 training steps measured on one NVIDIA H200 (PyTorch, transformers, peft, bitsandbytes; full bf16/fp32-AMP, LoRA and QLoRA; Llama 3.2 1B/3B, Llama 3.1 8B, a Mistral-7B-like config; batch 1–8, 256–4096 tokens, SDPA and eager attention, several optimizers): median error 0.03%, worst 2.3%. The allocator reserve and CUDA context are approximate (±10% of their size). Per-case table: the book's Validation chapter (book/src/validation.md) and tests/data/ in the memplan repository.";
+pub const VALIDATION_SUMMARY: &str = "Peak allocated memory (torch.cuda.max_memory_allocated) was compared with 75 training steps measured on one NVIDIA H200 (PyTorch 2.11, transformers 5.17, peft 0.21, bitsandbytes 0.50.2; full bf16 and fp32-AMP, LoRA and QLoRA on Llama 3.2 1B/3B, Llama 3.1 8B and a Mistral-7B-like config; several batch sizes, sequence lengths, optimizers, SDPA and eager attention, with and without checkpointing): median error 0.03%, worst 2.34%. Peak reserved, which includes the approximate allocator reserve: median 2.9%, worst 19.0%. The CUDA context was measured on that GPU and driver only. Per-case table: the book's Validation chapter (book/src/validation.md) and tests/data/ in the memplan repository.";
 
 const CSS: &str = "
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1100px;margin:0 auto;padding:1rem;color:#111;line-height:1.45}
@@ -199,14 +199,15 @@ fn inputs(job: &Job, est: &Estimate) -> Result<String, Error> {
 
 fn breakdown_table(est: &Estimate) -> String {
     let peak = est.peak_allocated_bytes.0.max(1) as f64;
-    let mut s = String::from("<h2>Breakdown at the peak</h2>\n<div class=\"scroll\"><table id=\"breakdown\">\n<tr><th>component</th><th class=\"num\">bytes</th><th class=\"num\">GiB</th><th class=\"num\">% of peak allocated</th></tr>\n");
+    let mut s = String::from("<h2>Breakdown at the peak</h2>\n<div class=\"scroll\"><table id=\"breakdown\">\n<tr><th>component</th><th class=\"num\">bytes</th><th class=\"num\">GiB</th><th class=\"num\">% of peak allocated</th><th>accuracy</th></tr>\n");
     for c in &est.components {
         s += &format!(
-            "<tr data-component=\"{n}\"><td><span class=\"swatch\" style=\"background:{col}\"></span>{n}</td><td class=\"num bytes\">{b}</td><td class=\"num\">{g}</td><td class=\"num\">{p}</td></tr>\n",
+            "<tr data-component=\"{n}\"><td><span class=\"swatch\" style=\"background:{col}\"></span>{n}</td><td class=\"num bytes\">{b}</td><td class=\"num\">{g}</td><td class=\"num\">{p}</td><td>{a}</td></tr>\n",
             n = escape(c.name),
             col = component_colour(c.name).hex(),
             b = c.bytes.0,
             g = gib(c.bytes),
+            a = escape(c.accuracy),
             p = if c.allocated {
                 format!("{:.1}", c.bytes.0 as f64 / peak * 100.0)
             } else {
@@ -228,7 +229,7 @@ fn breakdown_table(est: &Estimate) -> String {
         ("device total", "device_bytes", est.device_bytes),
     ] {
         s += &format!(
-            "<tr data-total=\"{key}\"><th>{name}</th><td class=\"num bytes\">{}</td><td class=\"num\">{}</td><td></td></tr>\n",
+            "<tr data-total=\"{key}\"><th>{name}</th><td class=\"num bytes\">{}</td><td class=\"num\">{}</td><td></td><td></td></tr>\n",
             b.0,
             gib(b)
         );
@@ -254,10 +255,11 @@ fn assumptions(est: &Estimate) -> String {
     );
     for c in &est.components {
         s += &format!(
-            "<dt><span class=\"swatch\" style=\"background:{}\"></span>{}</dt><dd>{}</dd>\n",
+            "<dt><span class=\"swatch\" style=\"background:{}\"></span>{}</dt><dd>{}<br><small>Accuracy: {}</small></dd>\n",
             component_colour(c.name).hex(),
             escape(c.name),
-            escape(&c.explain)
+            escape(&c.explain),
+            escape(c.accuracy)
         );
     }
     s += "</dl>\n";
@@ -301,6 +303,33 @@ mod tests {
         assert!(html.contains("rtx-4090") && html.contains("does not fit"));
         assert!(html.contains(env!("CARGO_PKG_VERSION")));
         assert!(html.contains("median error 0.03%"));
+    }
+
+    /// The page's accuracy figures are the book's (which `tests/groundtruth.rs` regenerates):
+    /// a changed validation result fails here until the summary is updated.
+    #[test]
+    fn validation_summary_matches_the_book() {
+        let book = include_str!("../../book/src/validation.md");
+        let start = book
+            .find("Result:")
+            .expect("book/src/validation.md has a Result: paragraph");
+        let result = book[start..].split("\n\n").next().unwrap_or_default();
+        let figures = |text: &str| -> Vec<String> {
+            text.split(|c: char| !(c.is_ascii_digit() || c == '.' || c == '%'))
+                .map(|w| w.trim_end_matches('.'))
+                .filter(|w| w.ends_with('%') && w.len() > 1)
+                .map(String::from)
+                .collect()
+        };
+        let book_figures = figures(result);
+        assert!(book_figures.len() >= 4, "{result}");
+        for f in ["0.03%", "2.34%", "2.9%", "19.0%"] {
+            assert!(
+                book_figures.iter().any(|b| b == f),
+                "book lacks {f}: {result}"
+            );
+            assert!(VALIDATION_SUMMARY.contains(f), "summary lacks {f}");
+        }
         assert_eq!(review_seqs(2048), {
             let mut v: Vec<u128> = (8..=14).map(|p| 1 << p).collect();
             v.push(16_384);
