@@ -31,8 +31,18 @@ pub struct BreakdownChart {
     pub gpus: Vec<Gpu>,
 }
 
+/// Bars one chart may draw (about 5,000 pixels wide).
+pub const MAX_BARS: usize = 40;
+
 /// Estimates every job; bars keep the order of `jobs`.
 pub fn breakdown(jobs: &[Job], gpus: &[Gpu]) -> Result<BreakdownChart, Error> {
+    if jobs.len() > MAX_BARS {
+        return Err(Error::Unsupported(format!(
+            "{} bars (models × methods), more than {MAX_BARS}: draw fewer per chart",
+            jobs.len()
+        )));
+    }
+    super::sweep::check_gpus(gpus)?;
     let bars = jobs
         .iter()
         .map(|job| {
@@ -221,5 +231,8 @@ mod tests {
         let names = chart.component_names();
         assert!(names.contains(&"quant_constants") && names.contains(&"gradients"));
         assert_eq!(names[0], "weights");
+        let many = vec![jobs[0].clone(); MAX_BARS + 1];
+        let e = breakdown(&many, &[]).unwrap_err().to_string();
+        assert!(e.contains("41 bars"), "{e}");
     }
 }

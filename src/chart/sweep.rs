@@ -22,6 +22,13 @@ use crate::units::Bytes;
 /// Estimates one sweep chart may make for its lines (crossings excluded).
 pub const MAX_ESTIMATES: usize = 10 * MAX_POINTS;
 
+/// Lines one sweep may draw: beyond this, neither colours nor legend can be told apart (and
+/// the legend would make the image as tall as memory allows).
+pub const MAX_LINES: usize = 24;
+
+/// GPUs one chart may draw capacity lines for.
+pub const MAX_GPUS: usize = 12;
+
 /// Where one line meets one GPU's capacity.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Crossing {
@@ -76,7 +83,14 @@ pub fn sweep(
     if jobs.is_empty() {
         return Err(Error::Unsupported("a sweep needs a --model".into()));
     }
-    let count = jobs.len() * others.len() * xs.len();
+    let line_count = jobs.len() * others.len();
+    if line_count > MAX_LINES {
+        return Err(Error::Unsupported(format!(
+            "{line_count} lines (models × methods × values of the other axis), more than {MAX_LINES}: draw fewer per chart"
+        )));
+    }
+    check_gpus(gpus)?;
+    let count = line_count * xs.len();
     if count > MAX_ESTIMATES {
         return Err(Error::Unsupported(format!(
             "{} lines × {} points = {count} estimates, more than {MAX_ESTIMATES}: fewer models, methods or values, or a larger step",
@@ -140,6 +154,17 @@ pub fn sweep(
         lines,
         gpus: gpus.to_vec(),
     })
+}
+
+/// Rejects more than [`MAX_GPUS`] capacity lines.
+pub fn check_gpus(gpus: &[Gpu]) -> Result<(), Error> {
+    if gpus.len() > MAX_GPUS {
+        return Err(Error::Unsupported(format!(
+            "{} GPUs given to --gpu, more than {MAX_GPUS} capacity lines a chart can label",
+            gpus.len()
+        )));
+    }
+    Ok(())
 }
 
 fn crossing(job: &Job, axis: SweepAxis, lo: u128, hi: u128, gpu: &Gpu) -> Result<Crossing, Error> {
@@ -412,7 +437,15 @@ mod tests {
         let e = sweep(&jobs, &seqs, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], &[])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("more than"), "{e}");
+        assert!(e.contains("110000 estimates, more than 100000"), "{e}");
+        let batches: Vec<u128> = (1..=25).collect();
+        let e = sweep(&jobs, &[1, 2], &batches, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("25 lines"), "{e}");
+        let gpus = vec![crate::gpu::resolve_gpu("h100").unwrap(); 13];
+        let e = sweep(&jobs, &[1, 2], &[1], &gpus).unwrap_err().to_string();
+        assert!(e.contains("13 GPUs"), "{e}");
         let c = sweep(&jobs, &[1], &[1, 64], &[]).unwrap();
         assert_eq!(c.axis, SweepAxis::Batch);
         assert!(c.log_x());
