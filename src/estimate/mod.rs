@@ -166,9 +166,16 @@ fn train_step(job: &Job, res: &Resident, t: &mut Timeline) -> StepExplain {
     } else {
         layer.saved()
     };
-    for _ in 0..m.layers {
+    // The first layer saves less when the embedding output needs no gradient (frozen base).
+    let first = first_layer(job, &layer, tokens);
+    for l in 0..m.layers {
         t.spike(Category::Temporaries, layer.fwd_transient);
-        t.alloc(Category::Activations, kept_per_layer);
+        let kept = if l == 0 && !job.grad_checkpointing {
+            first.saved()
+        } else {
+            kept_per_layer
+        };
+        t.alloc(Category::Activations, kept);
     }
     t.alloc(Category::Activations, head_saved);
     t.alloc(Category::Logits, lg.raw);
@@ -196,19 +203,20 @@ fn train_step(job: &Job, res: &Resident, t: &mut Timeline) -> StepExplain {
     if full {
         t.alloc(Category::Gradients, m.hidden * param_bytes); // final norm
     }
-    for _ in 0..m.layers {
+    for l in (0..m.layers).rev() {
+        let this = if l == 0 { &first } else { &layer };
         if job.grad_checkpointing {
-            t.spike(Category::Temporaries, layer.fwd_transient);
-            t.alloc(Category::Activations, layer.saved());
+            t.spike(Category::Temporaries, this.fwd_transient);
+            t.alloc(Category::Activations, this.saved());
         }
-        t.spike(Category::Temporaries, layer.mlp_bwd_transient);
-        t.free(Category::Activations, layer.mlp_saved);
-        t.alloc(Category::Gradients, layer.mlp_grads);
-        t.spike(Category::Temporaries, layer.attn_bwd_transient);
-        t.free(Category::Activations, layer.attn_saved);
-        t.alloc(Category::Gradients, layer.attn_grads);
+        t.spike(Category::Temporaries, this.mlp_bwd_transient);
+        t.free(Category::Activations, this.mlp_saved);
+        t.alloc(Category::Gradients, this.mlp_grads);
+        t.spike(Category::Temporaries, this.attn_bwd_transient);
+        t.free(Category::Activations, this.attn_saved);
+        t.alloc(Category::Gradients, this.attn_grads);
         if job.grad_checkpointing {
-            t.free(Category::Activations, layer.input);
+            t.free(Category::Activations, this.input);
         }
     }
     if full {
@@ -263,6 +271,40 @@ fn train_step(job: &Job, res: &Resident, t: &mut Timeline) -> StepExplain {
         .max()
         .unwrap_or(0),
     }
+}
+
+/// The first decoder layer's profile. With a frozen base (LoRA/QLoRA) the embedding output
+/// needs no gradient — unless peft's `enable_input_require_grads` hook is on (`--kbit-prep` with
+/// checkpointing) — and an op saves tensors only when one of its inputs needs a gradient: the
+/// first RMSNorm saves nothing, and if no attention module carries an adapter, neither does the
+/// rest of the attention half nor the second RMSNorm.
+fn first_layer(job: &Job, layer: &LayerProfile, tokens: u128) -> LayerProfile {
+    let frozen_input = matches!(job.method, Method::Lora | Method::Qlora)
+        && !(job.kbit_prep && job.grad_checkpointing);
+    if !frozen_input {
+        return layer.clone();
+    }
+    let dt = Dtypes::of(job);
+    let norm = tokens * norm_saved_per_token(job, &dt, job.model.hidden);
+    let attention_adapted = job.lora.as_ref().is_some_and(|l| {
+        l.targets.iter().any(|k| {
+            matches!(
+                k,
+                crate::model::LinearKind::Q
+                    | crate::model::LinearKind::K
+                    | crate::model::LinearKind::V
+                    | crate::model::LinearKind::O
+            )
+        })
+    });
+    let mut first = layer.clone();
+    if attention_adapted {
+        first.attn_saved -= norm;
+    } else {
+        first.attn_saved = 0;
+        first.mlp_saved -= norm;
+    }
+    first
 }
 
 fn explain_activations(job: &Job, layer: &LayerProfile, head_saved: u128) -> String {
@@ -510,6 +552,25 @@ mod tests {
         let e = estimate(&j).unwrap();
         assert_eq!(e.model.params_total, 46_702_792_704);
         assert!(e.peak_allocated_bytes.gib() > 20.0 && e.peak_allocated_bytes.gib() < 80.0);
+    }
+
+    #[test]
+    fn first_layer_of_a_frozen_base_saves_less() {
+        let j = job("llama-3.2-1b", Method::Lora);
+        let layer = layer_profile(&j, 10);
+        let first = first_layer(&j, &layer, 10);
+        // The first RMSNorm's fp32 input copy and rsqrt: 10 tokens × (4 · 2048 + 4) B.
+        assert_eq!(layer.saved() - first.saved(), 10 * (4 * 2048 + 4));
+        let mut mlp_only = j.clone();
+        mlp_only.lora.as_mut().unwrap().targets = crate::method::parse_targets("mlp").unwrap();
+        let layer = layer_profile(&mlp_only, 10);
+        let first = first_layer(&mlp_only, &layer, 10);
+        assert_eq!(first.attn_saved, 0);
+        assert_eq!(layer.mlp_saved - first.mlp_saved, 10 * (4 * 2048 + 4));
+        // Full fine-tuning trains the embedding: nothing changes.
+        let full = job("llama-3.2-1b", Method::Full);
+        let layer = layer_profile(&full, 10);
+        assert_eq!(first_layer(&full, &layer, 10), layer);
     }
 
     #[test]
