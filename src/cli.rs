@@ -31,6 +31,10 @@ pub enum Command {
     Gpus(FormatArgs),
     /// Compare rules of thumb with memplan's estimates.
     Table(TableArgs),
+    /// Draw a capacity-review chart: PNG, SVG or HTML, from --out's extension.
+    Chart(ChartArgs),
+    /// Write one self-contained HTML page for a capacity review.
+    Report(ReportArgs),
 }
 
 /// Output format of a report.
@@ -172,4 +176,213 @@ pub struct TableArgs {
     pub seed: bool,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct ChartArgs {
+    #[command(subcommand)]
+    pub kind: ChartKind,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ChartKind {
+    /// Stacked bars of the memory breakdown per model × method, with GPU capacity lines.
+    Breakdown(BreakdownArgs),
+    /// Memory against sequence length or batch size, with where each GPU's capacity is crossed.
+    Sweep(SweepArgs),
+}
+
+/// The estimate flags other than model, method, batch and sequence length, which the chart
+/// commands take as lists; the same meanings and defaults as in [`JobArgs`].
+#[derive(Debug, Clone, Args)]
+pub struct JobSettings {
+    /// Storage of the base weights: fp32, fp16, bf16, int8, nf4 [default: bf16, nf4 for qlora].
+    #[arg(long)]
+    pub weights: Option<String>,
+    /// Activation / autocast dtype: fp32, fp16, bf16 [default: the weights' dtype; bf16 for
+    /// int8/nf4].
+    #[arg(long)]
+    pub compute: Option<String>,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    pub rank: u64,
+    /// all-linear, attention, mlp, or a comma list of module names (q_proj,v_proj,…).
+    #[arg(long, default_value = "all-linear")]
+    pub lora_targets: String,
+    /// LoRA dropout probability.
+    #[arg(long, default_value_t = 0.05)]
+    pub lora_dropout: f64,
+    /// QLoRA double quantization of the absmax constants (default on).
+    #[arg(long, overrides_with = "no_double_quant")]
+    pub double_quant: bool,
+    /// Turn QLoRA double quantization off.
+    #[arg(long)]
+    pub no_double_quant: bool,
+    /// adamw, adamw-fused, adamw-8bit, paged-adamw, paged-adamw-8bit, sgd, sgd-momentum,
+    /// adafactor.
+    #[arg(long, default_value = "adamw")]
+    pub optimizer: String,
+    /// Activation checkpointing per decoder layer.
+    #[arg(long)]
+    pub grad_checkpointing: bool,
+    /// sdpa, eager or flash.
+    #[arg(long, default_value = "sdpa")]
+    pub attention: String,
+    /// QLoRA with peft's prepare_model_for_kbit_training (fp32 non-quantized parameters).
+    #[arg(long)]
+    pub kbit_prep: bool,
+}
+
+impl JobSettings {
+    /// One job per model × method (models outer), batch and sequence length as given.
+    fn jobs(&self, models: &str, methods: &str, batch: u64, seq: u64) -> Result<Vec<Job>> {
+        memplan::chart::values::check_value("--batch", batch.into())?;
+        memplan::chart::values::check_value("--seq", seq.into())?;
+        let methods = list("--method", methods)?;
+        let mut jobs = Vec::new();
+        for m in list("--model", models)? {
+            let (model, _) = resolve_model(m)?;
+            for method in &methods {
+                let args = JobArgs {
+                    model: m.to_string(),
+                    method: method.to_string(),
+                    weights: self.weights.clone(),
+                    compute: self.compute.clone(),
+                    rank: self.rank,
+                    lora_targets: self.lora_targets.clone(),
+                    lora_dropout: self.lora_dropout,
+                    double_quant: self.double_quant,
+                    no_double_quant: self.no_double_quant,
+                    optimizer: self.optimizer.clone(),
+                    batch,
+                    seq,
+                    grad_checkpointing: self.grad_checkpointing,
+                    attention: self.attention.clone(),
+                    kbit_prep: self.kbit_prep,
+                };
+                jobs.push(
+                    args.job_for(model.clone())
+                        .with_context(|| format!("--model {m} --method {method}"))?,
+                );
+            }
+        }
+        Ok(jobs)
+    }
+}
+
+/// A comma list without empty items.
+fn list<'a>(flag: &str, text: &'a str) -> Result<Vec<&'a str>> {
+    let items: Vec<&str> = text.split(',').map(str::trim).collect();
+    if items.iter().any(|i| i.is_empty()) {
+        anyhow::bail!("{flag} '{text}': expected a comma list such as 8B,70B or full,lora,qlora");
+    }
+    Ok(items)
+}
+
+/// `--gpu a100-80gb,rtx-4090` resolved.
+pub fn gpus(arg: Option<&str>) -> Result<Vec<memplan::gpu::Gpu>> {
+    match arg {
+        None => Ok(Vec::new()),
+        Some(text) => list("--gpu", text)?
+            .into_iter()
+            .map(|g| Ok(memplan::gpu::resolve_gpu(g)?))
+            .collect(),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct BreakdownArgs {
+    /// Models, comma-separated (presets, sizes such as 8B, or config.json paths).
+    #[arg(long)]
+    pub model: String,
+    /// Methods, comma-separated: full, lora, qlora, inference.
+    #[arg(long, default_value = "full")]
+    pub method: String,
+    /// Micro-batch size.
+    #[arg(long, default_value_t = 1)]
+    pub batch: u64,
+    /// Sequence length in tokens.
+    #[arg(long, default_value_t = 2048)]
+    pub seq: u64,
+    #[command(flatten)]
+    pub settings: JobSettings,
+    /// GPUs whose capacity is drawn, comma-separated (presets or sizes such as 24GB).
+    #[arg(long)]
+    pub gpu: Option<String>,
+    /// The file to write: .png, .svg or .html.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+impl BreakdownArgs {
+    pub fn jobs(&self) -> Result<Vec<Job>> {
+        self.settings
+            .jobs(&self.model, &self.method, self.batch, self.seq)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    /// Models, comma-separated (presets, sizes such as 8B, or config.json paths).
+    #[arg(long)]
+    pub model: String,
+    /// Methods, comma-separated: full, lora, qlora, inference.
+    #[arg(long, default_value = "full")]
+    pub method: String,
+    /// Sequence lengths: 2048, a list (1024,2048), a doubling range (512..16384), a stepped
+    /// range (512..16384:512) or a geometric one (512..65536*4).
+    #[arg(long, default_value = "2048")]
+    pub seq: String,
+    /// Batch sizes, as --seq takes them (1..64 doubles: 1, 2, 4, …, 64).
+    #[arg(long, default_value = "1")]
+    pub batch: String,
+    #[command(flatten)]
+    pub settings: JobSettings,
+    /// GPUs whose capacity is drawn, comma-separated (presets or sizes such as 24GB).
+    #[arg(long)]
+    pub gpu: Option<String>,
+    /// The file to write: .png, .svg or .html.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// A sweep's inputs, parsed.
+pub struct SweepInput {
+    pub jobs: Vec<Job>,
+    pub seqs: Vec<u128>,
+    pub batches: Vec<u128>,
+}
+
+impl SweepArgs {
+    pub fn input(&self) -> Result<SweepInput> {
+        let seqs = memplan::chart::parse_values("--seq", &self.seq)?;
+        let batches = memplan::chart::parse_values("--batch", &self.batch)?;
+        // The jobs are built at the first point; the sweep sets the axis per point.
+        let first = |v: &[u128], flag: &str| {
+            u64::try_from(v[0]).with_context(|| format!("{flag} {} is too large", v[0]))
+        };
+        let jobs = self.settings.jobs(
+            &self.model,
+            &self.method,
+            first(&batches, "--batch")?,
+            first(&seqs, "--seq")?,
+        )?;
+        Ok(SweepInput {
+            jobs,
+            seqs,
+            batches,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// GPUs to give a verdict for, comma-separated (presets or sizes such as 24GB).
+    #[arg(long, default_value = "rtx-4090,a100-80gb,h100-80gb")]
+    pub gpu: String,
+    /// The HTML file to write.
+    #[arg(long)]
+    pub out: PathBuf,
 }

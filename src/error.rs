@@ -17,6 +17,13 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The reason is part of the message, not a `source`, so `{:#}` does not print it twice.
+    #[error("cannot write {path}: {reason}")]
+    Write {
+        path: PathBuf,
+        reason: std::io::Error,
+    },
+
     #[error("{path}: not a valid config.json: {message}")]
     BadConfig { path: PathBuf, message: String },
 

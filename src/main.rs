@@ -7,7 +7,8 @@ use std::io::Write;
 use anyhow::{bail, Result};
 use clap::Parser;
 
-use cli::{Cli, Command};
+use cli::{ChartKind, Cli, Command};
+use memplan::chart::{self, Chart, OutputFormat};
 use memplan::estimate::runtime::{pytorch_cuda, Calibration};
 use memplan::{gpu, model, report};
 
@@ -65,5 +66,41 @@ fn run(cli: Cli) -> Result<String> {
                 a.format.into(),
             )?)
         }
+        Command::Chart(a) => {
+            let (out, bytes) = match a.kind {
+                ChartKind::Breakdown(b) => {
+                    let format = OutputFormat::from_path(&b.out)?;
+                    let gpus = cli::gpus(b.gpu.as_deref())?;
+                    let c = chart::breakdown(&b.jobs()?, &gpus)?;
+                    (b.out, c.render(format)?)
+                }
+                ChartKind::Sweep(s) => {
+                    let format = OutputFormat::from_path(&s.out)?;
+                    let gpus = cli::gpus(s.gpu.as_deref())?;
+                    let i = s.input()?;
+                    let c = chart::sweep(&i.jobs, &i.seqs, &i.batches, &gpus)?;
+                    (s.out, c.render(format)?)
+                }
+            };
+            write(&out, &bytes)
+        }
+        Command::Report(a) => {
+            if OutputFormat::from_path(&a.out)? != OutputFormat::Html {
+                bail!("--out {}: a report is an HTML page; name it *.html (charts alone: memplan chart)", a.out.display());
+            }
+            let gpus = cli::gpus(Some(&a.gpu))?;
+            let page = report::html::review(&a.job.job()?, &gpus)?;
+            write(&a.out, page.as_bytes())
+        }
     }
+}
+
+/// The one place a command writes a file; it prints where.
+fn write(path: &std::path::Path, bytes: &[u8]) -> Result<String> {
+    chart::write_atomic(path, bytes)?;
+    Ok(format!(
+        "wrote {} ({} bytes)\n",
+        path.display(),
+        bytes.len()
+    ))
 }

@@ -2,6 +2,7 @@
 //! types themselves. Renderers return strings; only `main` writes.
 
 mod csv;
+pub mod html;
 mod markdown;
 mod table;
 
