@@ -33,10 +33,12 @@ pub enum Optimizer {
     /// `torch.optim.AdamW(fused=True)`.
     AdamwFused,
     /// `bitsandbytes.optim.AdamW8bit`.
+    #[serde(rename = "adamw-8bit")]
     Adamw8bit,
     /// `bitsandbytes.optim.PagedAdamW32bit`.
     PagedAdamw,
     /// `bitsandbytes.optim.PagedAdamW8bit`.
+    #[serde(rename = "paged-adamw-8bit")]
     PagedAdamw8bit,
     /// `torch.optim.SGD` without momentum.
     Sgd,
@@ -151,7 +153,7 @@ impl Job {
         if self
             .batch
             .checked_mul(self.seq)
-            .is_none_or(|t| t > MAX_TOKENS)
+            .map_or(true, |t| t > MAX_TOKENS)
         {
             return bad(format!(
                 "--batch {} × --seq {} exceeds the supported 2^40 tokens per micro-batch",
