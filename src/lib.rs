@@ -12,6 +12,7 @@
 //! ```
 
 pub mod chart;
+pub mod cost;
 pub mod dtype;
 pub mod error;
 pub mod estimate;
