@@ -19,6 +19,7 @@ pub mod estimate;
 pub mod gpu;
 pub mod method;
 pub mod model;
+pub mod plan;
 pub mod report;
 pub mod seed;
 pub mod units;
