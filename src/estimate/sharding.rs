@@ -90,6 +90,10 @@ pub enum Offload {
 pub const DEFAULT_REDUCE_BUCKET: u128 = 500_000_000;
 /// DeepSpeed's default `stage3_prefetch_bucket_size` (elements).
 pub const DEFAULT_PREFETCH_BUCKET: u128 = 50_000_000;
+/// DeepSpeed's default `sub_group_size` (elements): ZeRO-3 steps its partition one sub-group at a
+/// time (`stage3.py` `_prepare_fp32_grad_for_sub_group` / `_release_sub_group`), so only one
+/// sub-group's fp32 gradient exists at once.
+pub const ZERO3_SUB_GROUP: u128 = 1_000_000_000;
 
 /// A data-parallel layout: how many GPUs, and what is sharded over them.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -398,10 +402,17 @@ pub fn per_gpu(job: &Job, res: &Resident) -> PerGpu {
     let opt_gpu = opt_state.div_ceil(opt_div);
     let paged_gpu = opt_paged.div_ceil(opt_div);
     let grad32_gpu = fp32_grad_partition.div_ceil(opt_div);
+    // Stage 1/2 convert the whole gradient partition of a parameter group to fp32 before the
+    // step (`stage_1_and_2.py` `single_grad_partition`); stage 3 one sub-group at a time.
+    let grad32_step = if level >= 3 {
+        grad32_gpu.min(4 * ZERO3_SUB_GROUP)
+    } else {
+        grad32_gpu
+    };
     // DeepSpeed FusedAdam / the fused CPU Adam need no step temporaries beyond the fp32
     // gradient partition; FSDP runs the job's torch optimizer on the shard.
     let step_temp = if sh.is_deepspeed() {
-        grad32_gpu
+        grad32_step
     } else {
         res.optimizer_step_temp.div_ceil(opt_div)
     };
@@ -587,12 +598,18 @@ mod tests {
             let s = model_states(&job(Method::Full, n, Engine::Zero(3), offload));
             let ds = ds_zero3_gpu(P, EMB, n, opt, params);
             // DeepSpeed: 4 B × largest layer (16-bit param + grad); memplan: the gathered module
-            // in 16 bit plus the prefetch bucket; memplan also keeps the 16-bit gradient partition
-            // (2P/N) beside the fp32 one during the step when nothing is offloaded.
+            // in 16 bit plus the prefetch bucket (compared separately). Without offload memplan
+            // also keeps the 16-bit gradient partition (2P/N) beside the fp32 one during the step,
+            // and holds the fp32 gradient of one 1e9-element sub-group at a time, not all 4P/N:
+            // 8B / 8 GPUs = 1.004e9 elements per partition, so 4 × (P/8 − 1e9) B less.
             let ds_states = ds - 4 * EMB;
             let ours_states = s.params_bytes + s.grads_bytes + s.optimizer_bytes;
-            let extra = if opt { 0 } else { (2 * P).div_ceil(n) };
-            let diff = ours_states as i128 - ds_states as i128 - extra as i128;
+            let extra = if opt {
+                0
+            } else {
+                (2 * P).div_ceil(n) as i128 - 4 * (P.div_ceil(n) as i128 - 1_000_000_000)
+            };
+            let diff = ours_states as i128 - ds_states as i128 - extra;
             assert!(diff.abs() <= 4, "{offload}: diff {diff}");
         };
         check(Offload::None, false, false);

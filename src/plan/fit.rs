@@ -206,18 +206,28 @@ fn dominant(est: &Estimate, have: u128) -> (String, String) {
         .max_by_key(|c| c.bytes.0);
     match top {
         Some(c) => {
-            let free = have.saturating_sub(need - c.bytes.0);
-            (
-                c.name.to_string(),
+            let rest = need - c.bytes.0;
+            let reason = if rest < have {
+                // What the GPU leaves for this component once everything else is placed.
                 format!(
                     "{} {:.1} GiB > {:.1} GiB free (needs {:.1} of {:.1} GiB)",
                     c.name,
                     c.bytes.gib(),
-                    Bytes(free).gib(),
+                    Bytes(have - rest).gib(),
                     est.device_bytes.gib(),
                     Bytes(have).gib()
-                ),
-            )
+                )
+            } else {
+                format!(
+                    "needs {:.1} GiB > {:.1} GiB; largest part: {} {:.1} GiB (the rest alone is {:.1} GiB)",
+                    est.device_bytes.gib(),
+                    Bytes(have).gib(),
+                    c.name,
+                    c.bytes.gib(),
+                    Bytes(rest).gib()
+                )
+            };
+            (c.name.to_string(), reason)
         }
         None => (String::new(), "no component".into()),
     }
@@ -446,7 +456,21 @@ mod tests {
             .find(|x| x.method == Method::Qlora && x.grad_checkpointing)
             .unwrap();
         assert_eq!(q.dominant_component, "weights");
-        assert!(q.reason.contains("GiB free"), "{}", q.reason);
+        assert!(q.reason.contains("weights"), "{}", q.reason);
+        // 8B LoRA without checkpointing at 2048 tokens: activations are what does not fit, and
+        // the reason says how much room the rest leaves them.
+        let r = fit(&request("llama-3.1-8b", "rtx-4090", 2048)).unwrap();
+        let l = r
+            .rejected
+            .iter()
+            .find(|x| x.method == Method::Lora && !x.grad_checkpointing)
+            .unwrap();
+        assert_eq!(l.dominant_component, "activations");
+        assert!(
+            l.reason.starts_with("activations ") && l.reason.contains("GiB free"),
+            "{}",
+            l.reason
+        );
     }
 
     #[test]

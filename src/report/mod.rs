@@ -4,7 +4,10 @@
 mod csv;
 pub mod html;
 mod markdown;
+mod plan;
 mod table;
+
+pub use plan::{render_cost, render_fit};
 
 use serde::Serialize;
 
@@ -181,6 +184,20 @@ fn estimate_sheet(job: &Job, est: &Estimate, fit: Option<&Fit>, explain: bool) -
             f.utilization_pct,
             f.headroom_bytes as f64 / (1u64 << 30) as f64
         ));
+    }
+    if let Some(s) = &est.sharding {
+        notes.push(format!(
+            "per GPU: {} over {} GPU(s) on {} node(s), shard group {}, offload {}; CPU RAM for offload {} GiB per node",
+            s.engine,
+            s.gpus,
+            s.nodes,
+            s.shard_group,
+            s.offload,
+            gib(est.cpu_offload_bytes)
+        ));
+        if let Some(a) = &s.advice {
+            notes.push(format!("note: {a}"));
+        }
     }
     notes.push(format!(
         "phase peaks: {}",
