@@ -160,7 +160,7 @@ impl Catalogue {
                         ))
                     })?;
                     let mut g = Gpu::of_size(&p.name, Bytes(u128::from(mib) * MIB));
-                    g.spec_source = format!("{origin}");
+                    g.spec_source = origin.to_string();
                     self.gpus.push(g);
                     self.gpus.len() - 1
                 }

@@ -66,6 +66,8 @@ impl FitRequest {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Plan {
     pub method: Method,
+    /// As `--optimizer` spells it (`adamw-8bit`), so a plan can be passed back to `estimate`.
+    #[serde(serialize_with = "as_flag")]
     pub optimizer: Optimizer,
     pub grad_checkpointing: bool,
     pub seq: u128,
@@ -91,6 +93,8 @@ pub struct Plan {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Rejected {
     pub method: Method,
+    /// As `--optimizer` spells it (`adamw-8bit`), so a plan can be passed back to `estimate`.
+    #[serde(serialize_with = "as_flag")]
     pub optimizer: Optimizer,
     pub grad_checkpointing: bool,
     pub fits: bool,
@@ -117,6 +121,10 @@ pub struct FitReport {
     /// Estimates evaluated by the search.
     pub estimates_evaluated: u64,
     pub notes: Vec<String>,
+}
+
+fn as_flag<S: serde::Serializer>(o: &Optimizer, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(o)
 }
 
 struct Searcher<'a> {
