@@ -82,6 +82,8 @@ pub struct Plan {
     pub headroom_bytes: Bytes,
     /// At batch 1 × `seq`.
     pub headroom_at_batch1_bytes: Bytes,
+    /// CPU RAM per node the plan's offload needs (not checked against the host: see notes).
+    pub cpu_offload_bytes: Bytes,
     pub flops_per_token: u128,
     /// Estimated tokens per second over all GPUs (absent when the GPU has no throughput figure).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -329,6 +331,7 @@ pub fn fit(req: &FitRequest) -> Result<FitReport, Error> {
                     device_bytes: e.device_bytes,
                     headroom_bytes: Bytes(have - e.device_bytes.0),
                     headroom_at_batch1_bytes: Bytes(have - at1.device_bytes.0),
+                    cpu_offload_bytes: e.cpu_offload_bytes,
                     flops_per_token: fpt,
                     tokens_per_second: tps,
                     fits: true,
@@ -357,6 +360,9 @@ pub fn fit(req: &FitRequest) -> Result<FitReport, Error> {
         ));
         if let Some(a) = sh.advice() {
             notes.push(a);
+        }
+        if sh.offload != crate::estimate::sharding::Offload::None {
+            notes.push("offload: each plan needs the CPU RAM in `cpu_offload_bytes` per node (JSON; the CPU RAM column), which memplan does not check against the host; the ranking ignores PCIe traffic and the CPU optimizer step, which typically halve throughput or worse (use a lower --mfu)".into());
         }
     }
     notes.push("paged optimizers can spill their state to CPU RAM under pressure; memplan counts it on the device (no spill)".into());

@@ -25,6 +25,7 @@ pub fn render_fit(r: &FitReport, format: Format) -> Result<String, Error> {
                     p.max_seq.to_string(),
                     gib(p.device_bytes),
                     gib(p.headroom_at_batch1_bytes),
+                    gib(p.cpu_offload_bytes),
                     tokens_per_s(p.tokens_per_second),
                     "fits".into(),
                 ]
@@ -39,6 +40,7 @@ pub fn render_fit(r: &FitReport, format: Format) -> Result<String, Error> {
                 "0".into(),
                 x.max_seq.to_string(),
                 gib(x.device_bytes),
+                String::new(),
                 String::new(),
                 String::new(),
                 x.reason.clone(),
@@ -70,13 +72,14 @@ pub fn render_fit(r: &FitReport, format: Format) -> Result<String, Error> {
                 "max seq",
                 "device GiB",
                 "headroom GiB",
+                "CPU RAM GiB",
                 "tokens/s",
                 "verdict",
             ]
             .map(String::from)
             .to_vec(),
             rows,
-            numeric: vec![0, 4, 5, 6, 7, 8],
+            numeric: vec![0, 4, 5, 6, 7, 8, 9],
             notes,
         }
     })
