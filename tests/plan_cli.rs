@@ -405,3 +405,44 @@ fn zero3_on_one_gpu_is_allowed_and_explained() {
         .success()
         .stdout(predicate::str::contains("saves nothing"));
 }
+
+/// The verdicts of the worked example in book/src/planning.md.
+#[test]
+fn planning_chapter_claims_hold() {
+    // One 48 GB RTX A6000: only QLoRA with checkpointing fits, at micro-batch 1.
+    let r = run_json(&["fit", "--model", "llama-3-70b", "--gpu", "rtx-a6000"]);
+    let plans = r["plans"].as_array().unwrap();
+    assert_eq!(plans.len(), 3);
+    assert!(plans
+        .iter()
+        .all(|p| p["method"] == "qlora" && p["grad_checkpointing"] == true && p["max_batch"] == 1));
+    // Two 24 GB RTX 4090s: FSDP full-shard and ZeRO-3 do not fit without offload; FSDP with
+    // optimizer+params offload does, with ~40 GiB of host RAM.
+    let qlora70 = [
+        "estimate",
+        "--model",
+        "llama-3-70b",
+        "--method",
+        "qlora",
+        "--grad-checkpointing",
+        "--gpus",
+        "2",
+        "--gpu",
+        "rtx-4090",
+    ];
+    let fsdp = run_json(&[&qlora70[..], &["--fsdp", "full-shard"]].concat());
+    assert_eq!(fsdp["fits"], false);
+    let zero3 = run_json(&[&qlora70[..], &["--zero", "3"]].concat());
+    assert_eq!(zero3["fits"], false);
+    assert!(u(&zero3["device_bytes"]) < u(&fsdp["device_bytes"]));
+    let off = run_json(
+        &[
+            &qlora70[..],
+            &["--fsdp", "full-shard", "--offload", "optimizer+params"],
+        ]
+        .concat(),
+    );
+    assert_eq!(off["fits"], true);
+    let cpu_gib = u(&off["cpu_offload_bytes"]) as f64 / (1u64 << 30) as f64;
+    assert!((35.0..45.0).contains(&cpu_gib), "{cpu_gib}");
+}
