@@ -450,6 +450,22 @@ fn finish(
             Category::GatheredParams | Category::CommBuckets => sh.explain.clone(),
         }
     };
+    // Under sharding the resident components are per-GPU shards: say how they were divided.
+    let explain_for = |c: Category| -> String {
+        let base = explain_for(c);
+        match c {
+            Category::Weights
+            | Category::QuantConstants
+            | Category::Adapters
+            | Category::Gradients
+            | Category::OptimizerState
+                if job.sharding.is_some() =>
+            {
+                format!("{base}; per GPU: {}", sh.explain)
+            }
+            _ => base,
+        }
+    };
     let mut components: Vec<Component> = t
         .at_peak()
         .filter(|(c, b)| *b > 0 || matches!(c, Category::Weights))

@@ -348,7 +348,8 @@ fn unit_bytes(job: &Job, res: &Resident) -> (u128, u128, u128) {
     let c = m.param_counts();
     let dense = dense_param_bytes(job);
     let root = (c.embedding + c.lm_head + m.hidden) * dense;
-    let layer = (res.weights + res.quant_constants + res.adapters).saturating_sub(root) / m.layers;
+    let layer =
+        (res.weights + res.quant_constants + res.adapters).saturating_sub(root) / m.layers.max(1);
     // DeepSpeed gathers module by module: the largest is the embedding / lm_head or one Linear.
     let largest_module = (c.embedding * dense).max(
         job.weights
@@ -460,7 +461,10 @@ pub fn per_gpu(job: &Job, res: &Resident) -> PerGpu {
         }
         p.gathered = if sh.is_deepspeed() {
             // The module being computed plus the prefetch bucket (16-bit elements as stored).
-            let prefetch = (sh.prefetch_bucket * dense_param_bytes(job)).min(layer * 2);
+            let prefetch = sh
+                .prefetch_bucket
+                .saturating_mul(dense_param_bytes(job))
+                .min(layer * 2);
             largest_module + prefetch
         } else {
             // Root unit (not resharded after forward) + current and prefetched decoder layer.
