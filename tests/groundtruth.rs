@@ -132,7 +132,7 @@ fn estimator_matches_h200_measurements() {
 
 /// Sharding support must leave single-GPU results bit-identical: `unsharded-peaks.txt` holds
 /// every case's `peak_allocated_bytes` and `device_bytes` as computed by the estimator before the
-/// per-GPU walk existed (main at 4b9781e). After a deliberate change to the single-GPU model,
+/// per-GPU walk existed (main at 6ba9eb8). After a deliberate change to the single-GPU model,
 /// regenerate it with `MEMPLAN_BLESS=1 cargo test --test groundtruth`.
 #[test]
 fn single_gpu_estimates_are_bit_identical_to_the_snapshot() {
