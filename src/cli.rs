@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use memplan::estimate::sharding::{
+    Engine, FsdpStrategy, Offload, Sharding, DEFAULT_PREFETCH_BUCKET, DEFAULT_REDUCE_BUCKET,
+};
 use memplan::method::parse_targets;
+use memplan::units::parse_count;
 use memplan::{resolve_model, Attention, Job, Method, Optimizer, Precision};
 
 #[derive(Debug, Parser)]
@@ -35,6 +39,11 @@ pub enum Command {
     Chart(ChartArgs),
     /// Write one self-contained HTML page for a capacity review.
     Report(ReportArgs),
+    /// Search the plans that fit a GPU: method × optimizer × checkpointing, with the largest
+    /// micro-batch and sequence each allows, ranked by estimated throughput.
+    Fit(FitArgs),
+    /// Training FLOPs, wall time, GPU-hours and money (rent and buy).
+    Cost(CostArgs),
 }
 
 /// Output format of a report.
@@ -152,10 +161,108 @@ impl JobArgs {
     }
 }
 
+/// Multi-GPU data parallelism: how many GPUs and what DeepSpeed ZeRO / FSDP shards over them.
+#[derive(Debug, Clone, Args)]
+pub struct ShardArgs {
+    /// GPUs in total (data-parallel ranks); byte figures are then per GPU.
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    pub gpus: i64,
+    /// Nodes the GPUs are spread over (FSDP hybrid-shard shards within a node).
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    pub nodes: i64,
+    /// DeepSpeed ZeRO stage: 0 (replicate), 1 (optimizer state), 2 (+ gradients), 3 (+ parameters).
+    #[arg(long, conflicts_with = "fsdp")]
+    pub zero: Option<u8>,
+    /// PyTorch FSDP sharding strategy: full-shard, shard-grad-op or hybrid-shard.
+    #[arg(long)]
+    pub fsdp: Option<String>,
+    /// CPU offload: none, optimizer or optimizer+params.
+    #[arg(long, default_value = "none")]
+    pub offload: String,
+    /// Gradient reduction bucket in elements (DeepSpeed reduce_bucket_size) [default: 5e8].
+    #[arg(long)]
+    pub reduce_bucket: Option<String>,
+    /// ZeRO-3 parameter prefetch in elements (stage3_prefetch_bucket_size) [default: 5e7].
+    #[arg(long)]
+    pub prefetch_bucket: Option<String>,
+}
+
+fn positive_count(flag: &str, text: &str) -> Result<u128> {
+    let v = text
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v >= 1.0)
+        .or_else(|| parse_count(text).filter(|v| *v >= 1.0))
+        .with_context(|| {
+            format!("{flag} '{text}': expected a positive count such as 5e8 or 50M")
+        })?;
+    Ok(v.round() as u128)
+}
+
+impl ShardArgs {
+    /// The sharding of the job, or `None` for one GPU without an engine.
+    pub fn sharding(&self) -> Result<Option<Sharding>> {
+        if self.gpus < 1 {
+            anyhow::bail!("--gpus {}: at least 1 GPU is needed", self.gpus);
+        }
+        if self.nodes < 1 {
+            anyhow::bail!("--nodes {}: at least 1 node is needed", self.nodes);
+        }
+        let offload: Offload = self.offload.parse()?;
+        let engine = match (self.zero, &self.fsdp) {
+            (Some(z), _) => Engine::Zero(z),
+            (None, Some(f)) => Engine::Fsdp(f.parse::<FsdpStrategy>()?),
+            (None, None) => {
+                if self.gpus == 1 && self.nodes == 1 && offload == Offload::None {
+                    return Ok(None);
+                }
+                anyhow::bail!(
+                    "--gpus {} / --offload {} need an engine: add --zero 0|1|2|3 (DeepSpeed; 0 replicates like DDP) or --fsdp full-shard|shard-grad-op|hybrid-shard",
+                    self.gpus,
+                    self.offload
+                );
+            }
+        };
+        let mut s = Sharding::new(self.gpus as u128, engine);
+        s.nodes = self.nodes as u128;
+        s.offload = offload;
+        s.reduce_bucket = match &self.reduce_bucket {
+            Some(t) => positive_count("--reduce-bucket", t)?,
+            None => DEFAULT_REDUCE_BUCKET,
+        };
+        s.prefetch_bucket = match &self.prefetch_bucket {
+            Some(t) => positive_count("--prefetch-bucket", t)?,
+            None => DEFAULT_PREFETCH_BUCKET,
+        };
+        s.validate()?;
+        Ok(Some(s))
+    }
+}
+
+/// Engine configuration files `--emit` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Emit {
+    /// DeepSpeed ds_config.json (needs --zero).
+    Deepspeed,
+    /// accelerate FSDP config YAML (needs --fsdp).
+    Accelerate,
+}
+
 #[derive(Debug, Args)]
 pub struct EstimateArgs {
     #[command(flatten)]
     pub job: JobArgs,
+    #[command(flatten)]
+    pub shard: ShardArgs,
+    /// Print the engine config for this plan instead of the estimate (redirect to a file).
+    #[arg(long, value_enum)]
+    pub emit: Option<Emit>,
+    /// Global batch in sequences that --emit reaches with gradient accumulation.
+    #[arg(long)]
+    pub global_batch: Option<u128>,
+    /// TOML file of [[gpu]] entries that add GPUs or override preset fields.
+    #[arg(long)]
+    pub gpu_file: Option<PathBuf>,
     /// A GPU preset (h100-80gb, rtx-4090, …) or a size (24GB): adds a fit verdict.
     #[arg(long)]
     pub gpu: Option<String>,
@@ -385,4 +492,119 @@ pub struct ReportArgs {
     /// The HTML file to write.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct FitArgs {
+    /// Preset name, bare size (70B) or config.json path.
+    #[arg(long)]
+    pub model: String,
+    /// GPU preset or size (24GB).
+    #[arg(long)]
+    pub gpu: String,
+    /// Sequence length the micro-batch search runs at.
+    #[arg(long, default_value_t = 2048)]
+    pub seq: u64,
+    /// sdpa, eager or flash.
+    #[arg(long, default_value = "sdpa")]
+    pub attention: String,
+    /// LoRA rank of the LoRA/QLoRA plans.
+    #[arg(long, default_value_t = 16)]
+    pub rank: u64,
+    /// LoRA target modules of the LoRA/QLoRA plans.
+    #[arg(long, default_value = "all-linear")]
+    pub lora_targets: String,
+    /// LoRA dropout of the LoRA/QLoRA plans.
+    #[arg(long, default_value_t = 0.05)]
+    pub lora_dropout: f64,
+    #[command(flatten)]
+    pub shard: ShardArgs,
+    /// Model FLOPs utilization for the throughput ranking.
+    #[arg(long, default_value_t = memplan::cost::DEFAULT_MFU, allow_negative_numbers = true)]
+    pub mfu: f64,
+    #[arg(long)]
+    pub gpu_file: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+impl FitArgs {
+    /// The base job of the search (method, optimizer, batch and checkpointing vary).
+    pub fn base(&self) -> Result<Job> {
+        let (model, _) = resolve_model(&self.model)?;
+        let mut job = Job::new(model, Method::Lora);
+        if let Some(l) = job.lora.as_mut() {
+            l.rank = self.rank.into();
+            l.targets = parse_targets(&self.lora_targets)?;
+            l.dropout = self.lora_dropout;
+        }
+        job.seq = self.seq.into();
+        job.attention = self.attention.parse::<Attention>()?;
+        job.sharding = self.shard.sharding()?;
+        job.validate()?;
+        Ok(job)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CostArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// GPU preset (its throughput, bandwidth and prices are used).
+    #[arg(long)]
+    pub gpu: String,
+    /// GPUs training together.
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    pub gpus: i64,
+    /// Tokens in the data set per epoch: 50M, 1.2B, 300000.
+    #[arg(long, allow_hyphen_values = true)]
+    pub tokens: String,
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub epochs: f64,
+    /// Model FLOPs utilization (fraction of peak).
+    #[arg(long, default_value_t = memplan::cost::DEFAULT_MFU, allow_negative_numbers = true)]
+    pub mfu: f64,
+    /// Price per GPU-hour [default: the preset's typical price, USD].
+    #[arg(long, allow_negative_numbers = true)]
+    pub price: Option<f64>,
+    /// Purchase price per GPU for the buy-vs-rent view [default: the preset's, USD].
+    #[arg(long, allow_negative_numbers = true)]
+    pub purchase_price: Option<f64>,
+    /// Currency label of the prices (non-USD needs --price).
+    #[arg(long, default_value = "USD")]
+    pub currency: String,
+    /// Peak dense TFLOP/s per GPU instead of the preset's.
+    #[arg(long, allow_negative_numbers = true)]
+    pub peak_tflops: Option<f64>,
+    /// Leave attention-score FLOPs out (the classic 6·N·D).
+    #[arg(long)]
+    pub no_attention_flops: bool,
+    /// Leave QLoRA's dequantization time out.
+    #[arg(long)]
+    pub no_dequant_overhead: bool,
+    #[arg(long)]
+    pub gpu_file: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+impl CostArgs {
+    pub fn tokens(&self) -> Result<u128> {
+        let v = parse_count(&self.tokens)
+            .filter(|v| *v >= 1.0)
+            .with_context(|| {
+                format!(
+                    "--tokens '{}': expected a positive count such as 50M or 1.2B",
+                    self.tokens
+                )
+            })?;
+        Ok(v.round() as u128)
+    }
+
+    pub fn gpus(&self) -> Result<u128> {
+        if self.gpus < 1 {
+            anyhow::bail!("--gpus {}: at least 1 GPU is needed", self.gpus);
+        }
+        Ok(self.gpus as u128)
+    }
 }

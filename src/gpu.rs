@@ -2,7 +2,12 @@
 //!
 //! A job fits when the estimate's `device_bytes` (reserved peak + CUDA context + paged state)
 //! is at most the board's total memory as NVML reports it.
+//!
+//! Throughput, bandwidth and prices (for `memplan cost` and the ranking of `memplan fit`) are
+//! optional fields with their source and date; presets/README.md documents units and sources.
+//! `--gpu-file my.toml` adds GPUs or overrides fields of presets ([`Catalogue::with_file`]).
 
+use std::path::Path;
 use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
@@ -22,17 +27,201 @@ pub struct Gpu {
     pub memory_mib: u64,
     #[serde(default)]
     pub spec_source: String,
+    /// Peak dense (no sparsity) BF16 tensor throughput, TFLOP/s; absent where there is no bf16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bf16_dense_tflops: Option<f64>,
+    /// Peak dense FP16 tensor throughput (FP32 accumulate), TFLOP/s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fp16_dense_tflops: Option<f64>,
+    /// Memory bandwidth, GB/s (10^9 bytes per second).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bandwidth_gb_per_s: Option<f64>,
+    #[serde(default)]
+    pub throughput_source: String,
+    /// Typical rental price per GPU-hour, USD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hourly_price_usd: Option<f64>,
+    #[serde(default)]
+    pub hourly_price_source: String,
+    /// Typical purchase price per GPU, USD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purchase_price_usd: Option<f64>,
+    #[serde(default)]
+    pub purchase_price_source: String,
+    /// When the prices were typical.
+    #[serde(default)]
+    pub prices_as_of: String,
 }
 
 impl Gpu {
     pub fn memory(&self) -> Bytes {
         Bytes(u128::from(self.memory_mib) * MIB)
     }
+
+    /// A GPU known only by its memory size.
+    pub fn of_size(name: &str, bytes: Bytes) -> Gpu {
+        Gpu {
+            name: name.to_string(),
+            aliases: Vec::new(),
+            memory_mib: (bytes.0 / MIB) as u64,
+            spec_source: "given on the command line".into(),
+            bf16_dense_tflops: None,
+            fp16_dense_tflops: None,
+            memory_bandwidth_gb_per_s: None,
+            throughput_source: String::new(),
+            hourly_price_usd: None,
+            hourly_price_source: String::new(),
+            purchase_price_usd: None,
+            purchase_price_source: String::new(),
+            prices_as_of: String::new(),
+        }
+    }
+
+    fn matches(&self, arg: &str) -> bool {
+        self.name.eq_ignore_ascii_case(arg)
+            || self.aliases.iter().any(|a| a.eq_ignore_ascii_case(arg))
+    }
 }
 
 #[derive(Debug, Deserialize)]
 struct GpuFile {
     gpu: Vec<Gpu>,
+}
+
+/// One `[[gpu]]` of a user file: every field optional, so an entry can override a preset's
+/// price alone; a new GPU needs `memory_mib`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GpuPatch {
+    name: String,
+    aliases: Option<Vec<String>>,
+    memory_mib: Option<u64>,
+    spec_source: Option<String>,
+    bf16_dense_tflops: Option<f64>,
+    fp16_dense_tflops: Option<f64>,
+    memory_bandwidth_gb_per_s: Option<f64>,
+    throughput_source: Option<String>,
+    hourly_price_usd: Option<f64>,
+    hourly_price_source: Option<String>,
+    purchase_price_usd: Option<f64>,
+    purchase_price_source: Option<String>,
+    prices_as_of: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PatchFile {
+    gpu: Vec<GpuPatch>,
+}
+
+/// The presets plus a user's `--gpu-file`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Catalogue {
+    pub gpus: Vec<Gpu>,
+}
+
+impl Default for Catalogue {
+    fn default() -> Self {
+        Catalogue {
+            gpus: gpus().to_vec(),
+        }
+    }
+}
+
+impl Catalogue {
+    /// The presets, with `path` (if any) merged over them.
+    pub fn load(path: Option<&Path>) -> Result<Catalogue, Error> {
+        let mut c = Catalogue::default();
+        if let Some(p) = path {
+            let text = std::fs::read_to_string(p).map_err(|source| Error::Io {
+                path: p.to_path_buf(),
+                source,
+            })?;
+            c.with_file(&text, &p.display().to_string())?;
+        }
+        Ok(c)
+    }
+
+    /// Merges a TOML text of `[[gpu]]` entries: a known name or alias overrides the fields it
+    /// sets; a new name adds a GPU.
+    pub fn with_file(&mut self, text: &str, origin: &str) -> Result<(), Error> {
+        let bad = |message: String| Error::Preset {
+            path: origin.to_string(),
+            message,
+        };
+        let file: PatchFile = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        for p in file.gpu {
+            let idx = match self.gpus.iter().position(|g| g.matches(&p.name)) {
+                Some(i) => i,
+                None => {
+                    let mib = p.memory_mib.ok_or_else(|| {
+                        bad(format!(
+                            "new GPU '{}' needs memory_mib (MiB, as nvidia-smi shows)",
+                            p.name
+                        ))
+                    })?;
+                    let mut g = Gpu::of_size(&p.name, Bytes(u128::from(mib) * MIB));
+                    g.spec_source = origin.to_string();
+                    self.gpus.push(g);
+                    self.gpus.len() - 1
+                }
+            };
+            let g = &mut self.gpus[idx];
+            let positive = |v: Option<f64>, field: &str| -> Result<Option<f64>, Error> {
+                match v {
+                    Some(x) if !(x.is_finite() && x > 0.0) => Err(bad(format!(
+                        "{}: {field} must be a positive number, not {x}",
+                        p.name
+                    ))),
+                    _ => Ok(v),
+                }
+            };
+            macro_rules! set {
+                ($f:ident) => {
+                    if let Some(v) = p.$f.clone() {
+                        g.$f = v;
+                    }
+                };
+                ($f:ident, num) => {
+                    if let Some(v) = positive(p.$f, stringify!($f))? {
+                        g.$f = Some(v);
+                    }
+                };
+            }
+            if p.memory_mib == Some(0) {
+                return Err(bad(format!("{}: memory_mib must be positive", p.name)));
+            }
+            set!(aliases);
+            set!(memory_mib);
+            set!(spec_source);
+            set!(bf16_dense_tflops, num);
+            set!(fp16_dense_tflops, num);
+            set!(memory_bandwidth_gb_per_s, num);
+            set!(throughput_source);
+            set!(hourly_price_usd, num);
+            set!(hourly_price_source);
+            set!(purchase_price_usd, num);
+            set!(purchase_price_source);
+            set!(prices_as_of);
+        }
+        Ok(())
+    }
+
+    /// Resolves `--gpu`: a name or alias, or a size such as `24GB`.
+    pub fn resolve(&self, arg: &str) -> Result<Gpu, Error> {
+        if let Some(g) = self.gpus.iter().find(|g| g.matches(arg)) {
+            return Ok(g.clone());
+        }
+        if arg.starts_with(|c: char| c.is_ascii_digit()) {
+            return Ok(Gpu::of_size(arg, parse_size(arg)?));
+        }
+        let names = self.gpus.iter().flat_map(|g| {
+            std::iter::once(g.name.as_str()).chain(g.aliases.iter().map(String::as_str))
+        });
+        Err(Error::UnknownGpu {
+            name: arg.to_string(),
+            suggestion: did_you_mean(arg, names),
+        })
+    }
 }
 
 /// All GPU presets, parsed once.
@@ -47,27 +236,7 @@ pub fn gpus() -> &'static [Gpu] {
 
 /// Resolves `--gpu`: a preset name or alias, or a size such as `24GB`.
 pub fn resolve_gpu(arg: &str) -> Result<Gpu, Error> {
-    if let Some(g) = gpus().iter().find(|g| {
-        g.name.eq_ignore_ascii_case(arg) || g.aliases.iter().any(|a| a.eq_ignore_ascii_case(arg))
-    }) {
-        return Ok(g.clone());
-    }
-    if arg.starts_with(|c: char| c.is_ascii_digit()) {
-        let bytes = parse_size(arg)?;
-        return Ok(Gpu {
-            name: arg.to_string(),
-            aliases: Vec::new(),
-            memory_mib: (bytes.0 / MIB) as u64,
-            spec_source: "given on the command line".into(),
-        });
-    }
-    let names = gpus()
-        .iter()
-        .flat_map(|g| std::iter::once(g.name.as_str()).chain(g.aliases.iter().map(String::as_str)));
-    Err(Error::UnknownGpu {
-        name: arg.to_string(),
-        suggestion: did_you_mean(arg, names),
-    })
+    Catalogue::default().resolve(arg)
 }
 
 /// Whether an estimate fits a GPU, and by how much.
@@ -105,5 +274,44 @@ mod tests {
         assert_eq!(resolve_gpu("24GB").unwrap().memory(), Bytes(24 << 30));
         let e = resolve_gpu("rtx-4080").unwrap_err().to_string();
         assert!(e.contains("did you mean"), "{e}");
+    }
+
+    #[test]
+    fn every_preset_has_throughput_and_sources() {
+        for g in gpus() {
+            let tf = g.bf16_dense_tflops.or(g.fp16_dense_tflops);
+            assert!(tf.is_some_and(|t| t > 10.0), "{}", g.name);
+            assert!(g.memory_bandwidth_gb_per_s.is_some(), "{}", g.name);
+            assert!(!g.throughput_source.is_empty() && !g.hourly_price_source.is_empty());
+            assert!(!g.purchase_price_source.is_empty() && !g.prices_as_of.is_empty());
+        }
+        // H100 SXM: 1,979 TFLOPS with 2:4 sparsity = 989.4 dense (datasheet).
+        assert_eq!(resolve_gpu("h100").unwrap().bf16_dense_tflops, Some(989.4));
+        assert_eq!(resolve_gpu("t4").unwrap().bf16_dense_tflops, None);
+    }
+
+    #[test]
+    fn a_user_file_overrides_and_adds() {
+        let mut c = Catalogue::default();
+        c.with_file(
+            "[[gpu]]\nname = \"H100\"\nhourly_price_usd = 1.5\n\n[[gpu]]\nname = \"my-card\"\nmemory_mib = 12288\nbf16_dense_tflops = 50\n",
+            "my.toml",
+        )
+        .unwrap();
+        let h = c.resolve("h100-80gb").unwrap();
+        assert_eq!(h.hourly_price_usd, Some(1.5));
+        assert_eq!(h.memory_mib, 81559);
+        assert_eq!(c.resolve("my-card").unwrap().memory(), Bytes(12 << 30));
+        assert!(c
+            .with_file("[[gpu]]\nname = \"new\"\n", "x.toml")
+            .unwrap_err()
+            .to_string()
+            .contains("memory_mib"));
+        assert!(c
+            .with_file(
+                "[[gpu]]\nname = \"h100\"\nhourly_price_usd = -2\n",
+                "x.toml"
+            )
+            .is_err());
     }
 }

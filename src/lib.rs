@@ -12,12 +12,14 @@
 //! ```
 
 pub mod chart;
+pub mod cost;
 pub mod dtype;
 pub mod error;
 pub mod estimate;
 pub mod gpu;
 pub mod method;
 pub mod model;
+pub mod plan;
 pub mod report;
 pub mod seed;
 pub mod units;

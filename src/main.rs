@@ -10,7 +10,9 @@ use clap::Parser;
 use cli::{ChartKind, Cli, Command};
 use memplan::chart::{self, Chart, OutputFormat};
 use memplan::estimate::runtime::{pytorch_cuda, Calibration};
-use memplan::{gpu, model, report};
+use memplan::gpu::Catalogue;
+use memplan::plan::emit;
+use memplan::{cost, gpu, model, plan, report};
 
 fn main() {
     let cli = Cli::parse();
@@ -32,16 +34,28 @@ fn main() {
 fn run(cli: Cli) -> Result<String> {
     match cli.command {
         Command::Estimate(a) => {
-            let job = a.job.job()?;
+            let mut job = a.job.job()?;
+            job.sharding = a.shard.sharding()?;
+            job.validate()?;
+            match a.emit {
+                Some(cli::Emit::Deepspeed) => {
+                    return Ok(emit::deepspeed_config(&job, a.global_batch)?)
+                }
+                Some(cli::Emit::Accelerate) => {
+                    return Ok(emit::accelerate_config(&job, a.global_batch)?)
+                }
+                None => {}
+            }
             let profile = match &a.calibration {
                 Some(p) => pytorch_cuda().calibrated(&Calibration::load(p)?),
                 None => pytorch_cuda(),
             };
             let est = memplan::estimate::estimate_with(&job, &profile)?;
+            let catalogue = Catalogue::load(a.gpu_file.as_deref())?;
             let fit = a
                 .gpu
                 .as_deref()
-                .map(gpu::resolve_gpu)
+                .map(|g| catalogue.resolve(g))
                 .transpose()?
                 .map(|g| gpu::fit(&est, &g));
             Ok(report::render_estimate(
@@ -91,6 +105,30 @@ fn run(cli: Cli) -> Result<String> {
             let gpus = cli::gpus(Some(&a.gpu))?;
             let page = report::html::review(&a.job.job()?, &gpus)?;
             write(&a.out, page.as_bytes())
+        }
+        Command::Fit(a) => {
+            let gpu = Catalogue::load(a.gpu_file.as_deref())?.resolve(&a.gpu)?;
+            let mut req = plan::FitRequest::new(a.base()?, gpu, pytorch_cuda());
+            req.mfu = a.mfu;
+            Ok(report::render_fit(&plan::fit(&req)?, a.format.into())?)
+        }
+        Command::Cost(a) => {
+            let gpu = Catalogue::load(a.gpu_file.as_deref())?.resolve(&a.gpu)?;
+            let req = cost::CostRequest {
+                job: a.job.job()?,
+                gpu,
+                gpus: a.gpus()?,
+                tokens: a.tokens()?,
+                epochs: a.epochs,
+                mfu: a.mfu,
+                price: a.price,
+                purchase_price: a.purchase_price,
+                currency: a.currency.clone(),
+                peak_tflops: a.peak_tflops,
+                attention_flops: !a.no_attention_flops,
+                dequant_overhead: !a.no_dequant_overhead,
+            };
+            Ok(report::render_cost(&cost::cost(&req)?, a.format.into())?)
         }
     }
 }

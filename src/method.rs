@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::dtype::Precision;
 use crate::error::Error;
+use crate::estimate::sharding::Sharding;
 use crate::model::{LinearKind, ModelShape};
 
 /// Fine-tuning method.
@@ -94,6 +95,9 @@ pub struct Job {
     pub attention: Attention,
     pub kbit_prep: bool,
     pub runtime: Runtime,
+    /// Data-parallel sharding (ZeRO / FSDP); `None` is one GPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sharding: Option<Sharding>,
 }
 
 impl Job {
@@ -123,6 +127,7 @@ impl Job {
             attention: Attention::Sdpa,
             kbit_prep: false,
             runtime: Runtime::Pytorch,
+            sharding: None,
         }
     }
 
@@ -220,6 +225,9 @@ impl Job {
         }
         if self.kbit_prep && self.method != Method::Qlora {
             return bad("--kbit-prep applies to --method qlora only".into());
+        }
+        if let Some(s) = &self.sharding {
+            s.validate()?;
         }
         Ok(())
     }

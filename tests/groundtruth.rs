@@ -129,3 +129,30 @@ fn estimator_matches_h200_measurements() {
     assert!(median <= 0.05, "median error {:.2}% > 5%", median * 100.0);
     assert!(worst <= 0.12, "worst error {:.2}% > 12%", worst * 100.0);
 }
+
+/// Sharding support must leave single-GPU results bit-identical: `unsharded-peaks.txt` holds
+/// every case's `peak_allocated_bytes` and `device_bytes` as computed by the estimator before the
+/// per-GPU walk existed (main at 6ba9eb8). After a deliberate change to the single-GPU model,
+/// regenerate it with `MEMPLAN_BLESS=1 cargo test --test groundtruth`.
+#[test]
+fn single_gpu_estimates_are_bit_identical_to_the_snapshot() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/unsharded-peaks.txt");
+    let now: String = load_cases()
+        .iter()
+        .map(|c| {
+            let e = estimate(&c.job).unwrap();
+            format!(
+                "{} {} {}\n",
+                c.id, e.peak_allocated_bytes.0, e.device_bytes.0
+            )
+        })
+        .collect();
+    if std::env::var_os("MEMPLAN_BLESS").is_some() {
+        std::fs::write(&path, &now).unwrap();
+    }
+    let snapshot = std::fs::read_to_string(&path).unwrap();
+    for (a, b) in snapshot.lines().zip(now.lines()) {
+        assert_eq!(a, b, "single-GPU estimate changed");
+    }
+    assert_eq!(snapshot.lines().count(), 75);
+}

@@ -1,9 +1,10 @@
 //! The one colour of each breakdown component, shared by every chart and the HTML table.
 //!
-//! Colours are Paul Tol's "muted" qualitative scheme (designed to stay distinct under the
-//! common colour-vision deficiencies; <https://personal.sron.nl/~pault/#sec:qualitative>) for
-//! the memory a method owns, and greys of distinct lightness for runtime overhead, which
-//! readers do not need to tell apart by hue. Sweep lines use the Okabe–Ito scheme (Okabe & Ito,
+//! Colours are Paul Tol's "muted" qualitative scheme (designed to stay distinct under the common
+//! colour-vision deficiencies; <https://personal.sron.nl/~pault/#sec:qualitative>) for the memory a
+//! method owns, and greys of distinct lightness for runtime overhead, which readers do not need to
+//! tell apart by hue. The two buffers of sharded (ZeRO / FSDP) steps take colours from Tol's
+//! "light" scheme, since "muted" has no more. Sweep lines use the Okabe–Ito scheme (Okabe & Ito,
 //! "Color Universal Design", 2008) without its yellow, which is unreadable on white.
 
 /// An sRGB colour.
@@ -24,7 +25,7 @@ impl Rgb {
 /// Component name (as in `Estimate::components`) and its colour, in stacking order (bottom
 /// first): what the model owns, then what training adds, then runtime overhead.
 // ANCHOR: palette
-pub const COMPONENT_COLOURS: [(&str, Rgb); 13] = [
+pub const COMPONENT_COLOURS: [(&str, Rgb); 15] = [
     ("weights", Rgb(0x33, 0x22, 0x88)),               // Tol indigo
     ("quant_constants", Rgb(0x88, 0xcc, 0xee)),       // Tol cyan
     ("lora_adapters", Rgb(0x44, 0xaa, 0x99)),         // Tol teal
@@ -34,6 +35,8 @@ pub const COMPONENT_COLOURS: [(&str, Rgb); 13] = [
     ("activations", Rgb(0xcc, 0x66, 0x77)),           // Tol rose
     ("kv_cache", Rgb(0x88, 0x22, 0x55)),              // Tol wine
     ("logits", Rgb(0xaa, 0x44, 0x99)),                // Tol purple
+    ("gathered_params", Rgb(0x77, 0xaa, 0xdd)),       // Tol light blue (sharded steps)
+    ("comm_buckets", Rgb(0xee, 0x88, 0x66)),          // Tol light orange (sharded steps)
     ("temporaries", Rgb(0x55, 0x55, 0x55)),           // dark grey
     ("cublas_workspace", Rgb(0x33, 0x33, 0x33)),      // near black
     ("allocator_reserve", Rgb(0xbb, 0xbb, 0xbb)),     // light grey

@@ -20,6 +20,7 @@ mod inference;
 pub mod logits;
 pub mod resident;
 pub mod runtime;
+pub mod sharding;
 pub mod timeline;
 
 use serde::Serialize;
@@ -31,6 +32,7 @@ use crate::units::Bytes;
 use activations::{layer_profile, norm_saved_per_token, Dtypes, LayerProfile};
 use resident::{resident, Resident};
 use runtime::{pytorch_cuda, RuntimeProfile, RESIDENT_ROUNDING};
+use sharding::{per_gpu, PerGpu};
 pub use timeline::{Category, Phase, Timeline};
 
 /// The model as the estimate saw it.
@@ -80,6 +82,26 @@ pub struct Estimate {
     pub peak_phase: &'static str,
     pub phases: Vec<PhasePeak>,
     pub runtime: RuntimeProfile,
+    /// CPU RAM per node for offloaded state (DeepSpeed offload / FSDP CPUOffload); 0 without.
+    pub cpu_offload_bytes: Bytes,
+    /// The data-parallel layout, when the job is sharded; all byte figures above are per GPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sharding: Option<ShardingSummary>,
+}
+
+/// How a sharded estimate was computed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ShardingSummary {
+    pub engine: String,
+    pub gpus: u128,
+    pub nodes: u128,
+    /// Ranks each sharded state is split over.
+    pub shard_group: u128,
+    pub offload: String,
+    pub cpu_offload_per_gpu_bytes: Bytes,
+    pub explain: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advice: Option<String>,
 }
 
 impl Estimate {
@@ -98,18 +120,20 @@ pub fn estimate_with(job: &Job, profile: &RuntimeProfile) -> Result<Estimate, Er
     job.validate()?;
     let profile = profile.clone();
     let res = resident(job);
+    // Per-GPU state: the single-GPU values unless the job is sharded (sharding.rs).
+    let sh = per_gpu(job, &res);
     let mut t = Timeline::new();
     t.alloc(Category::Workspace, profile.workspace_bytes);
-    t.alloc(Category::Weights, res.weights);
-    t.alloc(Category::QuantConstants, res.quant_constants);
-    t.alloc(Category::Adapters, res.adapters);
+    t.alloc(Category::Weights, sh.weights);
+    t.alloc(Category::QuantConstants, sh.quant_constants);
+    t.alloc(Category::Adapters, sh.adapters);
     let explain_extra = if job.method == Method::Inference {
         inference::walk(job, &mut t)
     } else {
-        t.alloc(Category::OptimizerState, res.optimizer_state);
-        train_step(job, &res, &mut t)
+        t.alloc(Category::OptimizerState, sh.optimizer_state);
+        train_step(job, &sh, &mut t)
     };
-    Ok(finish(job, &res, &t, profile, explain_extra))
+    Ok(finish(job, &res, &sh, &t, profile, explain_extra))
 }
 
 /// Formula text for the step-dependent components.
@@ -123,7 +147,7 @@ struct StepExplain {
     largest_block: u128,
 }
 
-fn train_step(job: &Job, res: &Resident, t: &mut Timeline) -> StepExplain {
+fn train_step(job: &Job, sh: &PerGpu, t: &mut Timeline) -> StepExplain {
     let m = &job.model;
     let tokens = job.tokens();
     let dt = Dtypes::of(job);
@@ -158,8 +182,24 @@ fn train_step(job: &Job, res: &Resident, t: &mut Timeline) -> StepExplain {
         0
     };
 
+    // A layer's parameter gradient: kept whole on one GPU; with sharding, reduced to this rank's
+    // shard (FSDP: the unit's full gradient exists until its reduce-scatter).
+    let grad = |t: &mut Timeline, bytes: u128| {
+        let spike = sh.unsharded_grad_spike;
+        if spike {
+            t.alloc(Category::Temporaries, bytes);
+        }
+        t.alloc(Category::Gradients, sh.kept_grad(bytes));
+        if spike {
+            t.free(Category::Temporaries, bytes);
+        }
+    };
+
     // ---------------- forward
     t.phase(Phase::Forward);
+    if sh.gathered > 0 {
+        t.alloc(Category::GatheredParams, sh.gathered);
+    }
     t.alloc(Category::Temporaries, mask);
     let kept_per_layer = if job.grad_checkpointing {
         layer.input
@@ -188,6 +228,9 @@ fn train_step(job: &Job, res: &Resident, t: &mut Timeline) -> StepExplain {
 
     // ---------------- backward
     t.phase(Phase::Backward);
+    if sh.bucket > 0 {
+        t.alloc(Category::CommBuckets, sh.bucket);
+    }
     t.alloc(Category::Logits, 2 * lg.grad_fp32);
     t.free(Category::Logits, lg.grad_fp32 + lg.log_softmax);
     t.alloc(Category::Logits, lg.grad_raw);
@@ -196,12 +239,12 @@ fn train_step(job: &Job, res: &Resident, t: &mut Timeline) -> StepExplain {
     let hidden_grad = tokens * dt.residual * m.hidden;
     t.alloc(Category::Temporaries, hidden_grad);
     if full {
-        t.alloc(Category::Gradients, m.vocab * m.hidden * param_bytes);
+        grad(t, m.vocab * m.hidden * param_bytes);
     }
     t.free(Category::Logits, lg.grad_raw);
     t.free(Category::Activations, head_saved);
     if full {
-        t.alloc(Category::Gradients, m.hidden * param_bytes); // final norm
+        grad(t, m.hidden * param_bytes); // final norm
     }
     for l in (0..m.layers).rev() {
         let this = if l == 0 { &first } else { &layer };
@@ -211,10 +254,10 @@ fn train_step(job: &Job, res: &Resident, t: &mut Timeline) -> StepExplain {
         }
         t.spike(Category::Temporaries, this.mlp_bwd_transient);
         t.free(Category::Activations, this.mlp_saved);
-        t.alloc(Category::Gradients, this.mlp_grads);
+        grad(t, this.mlp_grads);
         t.spike(Category::Temporaries, this.attn_bwd_transient);
         t.free(Category::Activations, this.attn_saved);
-        t.alloc(Category::Gradients, this.attn_grads);
+        grad(t, this.attn_grads);
         if job.grad_checkpointing {
             t.free(Category::Activations, this.input);
         }
@@ -226,7 +269,7 @@ fn train_step(job: &Job, res: &Resident, t: &mut Timeline) -> StepExplain {
             // (measured: +2 × V·h on the 1B and 3B tied models).
             t.spike(Category::Temporaries, 2 * emb);
         } else {
-            t.alloc(Category::Gradients, emb);
+            grad(t, emb);
         }
     }
     t.free(Category::Temporaries, hidden_grad);
@@ -235,9 +278,16 @@ fn train_step(job: &Job, res: &Resident, t: &mut Timeline) -> StepExplain {
         mask.min(t.live(Category::Temporaries)),
     );
 
+    if sh.bucket > 0 {
+        t.free(Category::CommBuckets, sh.bucket);
+    }
+    if sh.gathered > 0 {
+        t.free(Category::GatheredParams, sh.gathered);
+    }
+
     // ---------------- optimizer
     t.phase(Phase::Optimizer);
-    t.spike(Category::Temporaries, res.optimizer_step_temp);
+    t.spike(Category::Temporaries, sh.optimizer_step_temp);
     t.free(Category::Gradients, t.live(Category::Gradients));
 
     StepExplain {
@@ -254,7 +304,7 @@ fn train_step(job: &Job, res: &Resident, t: &mut Timeline) -> StepExplain {
             layer.mlp_bwd_transient,
             layer.attn_bwd_transient,
             if mask > 0 { format!("; eager causal mask {mask} B") } else { String::new() },
-            res.optimizer_step_temp
+            sh.optimizer_step_temp
         ),
         kv_cache: String::new(),
         largest_block: [
@@ -263,6 +313,14 @@ fn train_step(job: &Job, res: &Resident, t: &mut Timeline) -> StepExplain {
             tokens * m.intermediate * dt.linear_out,
             if job.attention == crate::method::Attention::Eager {
                 job.batch * m.heads * job.seq * job.seq * 4
+            } else {
+                0
+            },
+            // Sharded steps: the gradient bucket and FSDP's unsharded gradient of one unit
+            // (both 0 on one GPU).
+            sh.bucket,
+            if sh.unsharded_grad_spike {
+                layer.mlp_grads.max(layer.attn_grads)
             } else {
                 0
             },
@@ -359,12 +417,16 @@ fn accuracy(job: &Job, c: Category) -> &'static str {
             "approximate: largest module's gradient buffers; ±25% of this component"
         }
         Category::Workspace => "measured constant (Hopper); smaller on older GPUs",
+        Category::GatheredParams | Category::CommBuckets => {
+            "approximate: follows DeepSpeed/FSDP's documented buffers; not measured (multi-GPU)"
+        }
     }
 }
 
 fn finish(
     job: &Job,
     res: &Resident,
+    sh: &PerGpu,
     t: &Timeline,
     profile: RuntimeProfile,
     step: StepExplain,
@@ -385,6 +447,23 @@ fn finish(
                 "cuBLAS workspaces of the forward and autograd threads ({} B measured, groundtruth base_alloc)",
                 profile.workspace_bytes
             ),
+            Category::GatheredParams | Category::CommBuckets => sh.explain.clone(),
+        }
+    };
+    // Under sharding the resident components are per-GPU shards: say how they were divided.
+    let explain_for = |c: Category| -> String {
+        let base = explain_for(c);
+        match c {
+            Category::Weights
+            | Category::QuantConstants
+            | Category::Adapters
+            | Category::Gradients
+            | Category::OptimizerState
+                if job.sharding.is_some() =>
+            {
+                format!("{base}; per GPU: {}", sh.explain)
+            }
+            _ => base,
         }
     };
     let mut components: Vec<Component> = t
@@ -399,10 +478,10 @@ fn finish(
         })
         .collect();
     let peak = t.peak();
-    let resident_bytes = res.weights
-        + res.quant_constants
-        + res.adapters
-        + res.optimizer_state
+    let resident_bytes = sh.weights
+        + sh.quant_constants
+        + sh.adapters
+        + sh.optimizer_state
         + profile.workspace_bytes;
     let block = step.largest_block;
     let reserve = block + (resident_bytes as f64 * RESIDENT_ROUNDING).round() as u128;
@@ -415,10 +494,10 @@ fn finish(
         allocated: false,
         accuracy: "approximate: peak reserved off by a median 2.9%, worst 19% on the H200 measurements",
     });
-    if res.optimizer_paged > 0 {
+    if sh.optimizer_paged > 0 {
         components.push(Component {
             name: "paged_optimizer_state",
-            bytes: Bytes(res.optimizer_paged),
+            bytes: Bytes(sh.optimizer_paged),
             explain: res.explain.optimizer.clone(),
             allocated: false,
             accuracy:
@@ -447,8 +526,8 @@ fn finish(
         components,
         peak_allocated_bytes: Bytes(peak),
         peak_reserved_bytes: Bytes(peak_reserved),
-        device_bytes: Bytes(peak_reserved + profile.cuda_context_bytes + res.optimizer_paged),
-        paged_optimizer_bytes: Bytes(res.optimizer_paged),
+        device_bytes: Bytes(peak_reserved + profile.cuda_context_bytes + sh.optimizer_paged),
+        paged_optimizer_bytes: Bytes(sh.optimizer_paged),
         peak_phase: t.peak_phase().name(),
         phases: t
             .phase_peaks()
@@ -459,6 +538,19 @@ fn finish(
             })
             .collect(),
         runtime: profile,
+        cpu_offload_bytes: Bytes(
+            sh.cpu_offload * job.sharding.as_ref().map_or(1, |s| s.gpus_per_node()),
+        ),
+        sharding: job.sharding.as_ref().map(|s| ShardingSummary {
+            engine: s.engine.to_string(),
+            gpus: s.gpus,
+            nodes: s.nodes,
+            shard_group: s.group(),
+            offload: s.offload.to_string(),
+            cpu_offload_per_gpu_bytes: Bytes(sh.cpu_offload),
+            explain: sh.explain.clone(),
+            advice: s.advice(),
+        }),
     }
 }
 

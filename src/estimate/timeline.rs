@@ -21,10 +21,14 @@ pub enum Category {
     Logits,
     Temporaries,
     Workspace,
+    /// Parameters all-gathered from their shards (ZeRO-3 / FSDP full shard).
+    GatheredParams,
+    /// Gradient reduction buckets (DeepSpeed `reduce_bucket_size`).
+    CommBuckets,
 }
 
 impl Category {
-    pub const ALL: [Category; 10] = [
+    pub const ALL: [Category; 12] = [
         Category::Weights,
         Category::QuantConstants,
         Category::Adapters,
@@ -35,6 +39,8 @@ impl Category {
         Category::Logits,
         Category::Temporaries,
         Category::Workspace,
+        Category::GatheredParams,
+        Category::CommBuckets,
     ];
 
     /// The component name used in tables, JSON and charts.
@@ -50,6 +56,8 @@ impl Category {
             Category::Logits => "logits",
             Category::Temporaries => "temporaries",
             Category::Workspace => "cublas_workspace",
+            Category::GatheredParams => "gathered_params",
+            Category::CommBuckets => "comm_buckets",
         }
     }
 

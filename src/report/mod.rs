@@ -4,7 +4,10 @@
 mod csv;
 pub mod html;
 mod markdown;
+mod plan;
 mod table;
+
+pub use plan::{render_cost, render_fit};
 
 use serde::Serialize;
 
@@ -182,6 +185,20 @@ fn estimate_sheet(job: &Job, est: &Estimate, fit: Option<&Fit>, explain: bool) -
             f.headroom_bytes as f64 / (1u64 << 30) as f64
         ));
     }
+    if let Some(s) = &est.sharding {
+        notes.push(format!(
+            "per GPU: {} over {} GPU(s) on {} node(s), shard group {}, offload {}; CPU RAM for offload {} GiB per node",
+            s.engine,
+            s.gpus,
+            s.nodes,
+            s.shard_group,
+            s.offload,
+            gib(est.cpu_offload_bytes)
+        ));
+        if let Some(a) = &s.advice {
+            notes.push(format!("note: {a}"));
+        }
+    }
     notes.push(format!(
         "phase peaks: {}",
         est.phases
@@ -232,24 +249,42 @@ pub fn render_models(presets: &[Preset], format: Format) -> Result<String, Error
 }
 
 pub fn render_gpus(gpus: &[Gpu], format: Format) -> Result<String, Error> {
-    render(format, gpus, || Sheet {
+    render(format, gpus, || {
+        Sheet {
         title: vec!["GPU presets (`--gpu NAME`, or a size such as 24GB)".into()],
-        headers: ["name", "memory GiB", "aliases", "source"]
-            .map(String::from)
-            .to_vec(),
+        headers: [
+            "name",
+            "memory GiB",
+            "bf16 TFLOP/s",
+            "fp16 TFLOP/s",
+            "GB/s",
+            "USD/GPU-h",
+            "USD to buy",
+            "aliases",
+        ]
+        .map(String::from)
+        .to_vec(),
         rows: gpus
             .iter()
             .map(|g| {
+                let num = |v: Option<f64>| v.map_or_else(|| "–".to_string(), |x| format!("{x}"));
                 vec![
                     g.name.clone(),
                     gib(g.memory()),
+                    num(g.bf16_dense_tflops),
+                    num(g.fp16_dense_tflops),
+                    num(g.memory_bandwidth_gb_per_s),
+                    num(g.hourly_price_usd),
+                    num(g.purchase_price_usd),
                     g.aliases.join(", "),
-                    g.spec_source.clone(),
                 ]
             })
             .collect(),
-        numeric: vec![1],
-        notes: Vec::new(),
+        numeric: vec![1, 2, 3, 4, 5, 6],
+        notes: vec![
+            "Dense tensor throughput (no sparsity); typical prices with their date and source: `memplan gpus --format json`, presets/README.md. Override with --gpu-file.".into(),
+        ],
+    }
     })
 }
 
