@@ -82,47 +82,14 @@ pub struct JobArgs {
     /// full, lora, qlora or inference.
     #[arg(long, default_value = "full")]
     pub method: String,
-    /// Storage of the base weights: fp32, fp16, bf16, int8, nf4 [default: bf16, nf4 for qlora].
-    #[arg(long)]
-    pub weights: Option<String>,
-    /// Activation / autocast dtype: fp32, fp16, bf16 [default: the weights' dtype; bf16 for
-    /// int8/nf4].
-    #[arg(long)]
-    pub compute: Option<String>,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 16)]
-    pub rank: u64,
-    /// all-linear, attention, mlp, or a comma list of module names (q_proj,v_proj,…).
-    #[arg(long, default_value = "all-linear")]
-    pub lora_targets: String,
-    /// LoRA dropout probability.
-    #[arg(long, default_value_t = 0.05)]
-    pub lora_dropout: f64,
-    /// QLoRA double quantization of the absmax constants (default on).
-    #[arg(long, overrides_with = "no_double_quant")]
-    pub double_quant: bool,
-    /// Turn QLoRA double quantization off.
-    #[arg(long)]
-    pub no_double_quant: bool,
-    /// adamw, adamw-fused, adamw-8bit, paged-adamw, paged-adamw-8bit, sgd, sgd-momentum,
-    /// adafactor.
-    #[arg(long, default_value = "adamw")]
-    pub optimizer: String,
     /// Micro-batch size.
     #[arg(long, default_value_t = 1)]
     pub batch: u64,
     /// Sequence length in tokens.
     #[arg(long, default_value_t = 2048)]
     pub seq: u64,
-    /// Activation checkpointing per decoder layer.
-    #[arg(long)]
-    pub grad_checkpointing: bool,
-    /// sdpa, eager or flash.
-    #[arg(long, default_value = "sdpa")]
-    pub attention: String,
-    /// QLoRA with peft's prepare_model_for_kbit_training (fp32 non-quantized parameters).
-    #[arg(long)]
-    pub kbit_prep: bool,
+    #[command(flatten)]
+    pub settings: JobSettings,
 }
 
 impl JobArgs {
@@ -134,30 +101,7 @@ impl JobArgs {
 
     /// The job for an already-resolved model (commands that vary `--model`).
     pub fn job_for(&self, model: memplan::ModelShape) -> Result<Job> {
-        let method: Method = self.method.parse()?;
-        let mut job = Job::new(model, method);
-        if let Some(w) = &self.weights {
-            job.weights = w.parse().context("--weights")?;
-        }
-        job.compute = match &self.compute {
-            Some(c) => c.parse().context("--compute")?,
-            None if job.weights.is_float() => job.weights,
-            None => Precision::Bf16,
-        };
-        if let Some(l) = job.lora.as_mut() {
-            l.rank = self.rank.into();
-            l.targets = parse_targets(&self.lora_targets)?;
-            l.dropout = self.lora_dropout;
-        }
-        job.double_quant = !self.no_double_quant;
-        job.optimizer = self.optimizer.parse::<Optimizer>()?;
-        job.batch = self.batch.into();
-        job.seq = self.seq.into();
-        job.grad_checkpointing = self.grad_checkpointing;
-        job.attention = self.attention.parse::<Attention>()?;
-        job.kbit_prep = self.kbit_prep;
-        job.validate()?;
-        Ok(job)
+        self.settings.job(model, &self.method, self.batch, self.seq)
     }
 }
 
@@ -299,8 +243,8 @@ pub enum ChartKind {
     Sweep(SweepArgs),
 }
 
-/// The estimate flags other than model, method, batch and sequence length, which the chart
-/// commands take as lists; the same meanings and defaults as in [`JobArgs`].
+/// The estimate flags other than model, method, batch and sequence length (which the chart
+/// commands take as lists); flattened into [`JobArgs`] too.
 #[derive(Debug, Clone, Args)]
 pub struct JobSettings {
     /// Storage of the base weights: fp32, fp16, bf16, int8, nf4 [default: bf16, nf4 for qlora].
@@ -341,6 +285,40 @@ pub struct JobSettings {
 }
 
 impl JobSettings {
+    /// Parses and validates into a [`Job`] for one model, method, batch and sequence length.
+    pub fn job(
+        &self,
+        model: memplan::ModelShape,
+        method: &str,
+        batch: u64,
+        seq: u64,
+    ) -> Result<Job> {
+        let method: Method = method.parse()?;
+        let mut job = Job::new(model, method);
+        if let Some(w) = &self.weights {
+            job.weights = w.parse().context("--weights")?;
+        }
+        job.compute = match &self.compute {
+            Some(c) => c.parse().context("--compute")?,
+            None if job.weights.is_float() => job.weights,
+            None => Precision::Bf16,
+        };
+        if let Some(l) = job.lora.as_mut() {
+            l.rank = self.rank.into();
+            l.targets = parse_targets(&self.lora_targets)?;
+            l.dropout = self.lora_dropout;
+        }
+        job.double_quant = !self.no_double_quant;
+        job.optimizer = self.optimizer.parse::<Optimizer>()?;
+        job.batch = batch.into();
+        job.seq = seq.into();
+        job.grad_checkpointing = self.grad_checkpointing;
+        job.attention = self.attention.parse::<Attention>()?;
+        job.kbit_prep = self.kbit_prep;
+        job.validate()?;
+        Ok(job)
+    }
+
     /// One job per model × method (models outer), batch and sequence length as given.
     fn jobs(&self, models: &str, methods: &str, batch: u64, seq: u64) -> Result<Vec<Job>> {
         memplan::chart::values::check_value("--batch", batch.into())?;
@@ -350,25 +328,8 @@ impl JobSettings {
         for m in list("--model", models)? {
             let (model, _) = resolve_model(m)?;
             for method in &methods {
-                let args = JobArgs {
-                    model: m.to_string(),
-                    method: method.to_string(),
-                    weights: self.weights.clone(),
-                    compute: self.compute.clone(),
-                    rank: self.rank,
-                    lora_targets: self.lora_targets.clone(),
-                    lora_dropout: self.lora_dropout,
-                    double_quant: self.double_quant,
-                    no_double_quant: self.no_double_quant,
-                    optimizer: self.optimizer.clone(),
-                    batch,
-                    seq,
-                    grad_checkpointing: self.grad_checkpointing,
-                    attention: self.attention.clone(),
-                    kbit_prep: self.kbit_prep,
-                };
                 jobs.push(
-                    args.job_for(model.clone())
+                    self.job(model.clone(), method, batch, seq)
                         .with_context(|| format!("--model {m} --method {method}"))?,
                 );
             }

@@ -10,7 +10,7 @@ pub mod crossing;
 mod font;
 pub mod output;
 pub mod palette;
-mod render;
+pub(crate) mod render;
 pub mod sweep;
 pub mod values;
 

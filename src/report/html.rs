@@ -2,6 +2,7 @@
 //! page of `memplan report`. Pages are self-contained: styles inline, charts as inline SVG,
 //! no scripts, fonts or links to fetch, so they open offline from a mail attachment.
 
+use crate::chart::render::thousands;
 use crate::chart::values::check_value;
 use crate::chart::{breakdown, palette::component_colour, svg, sweep, BreakdownChart, SweepChart};
 use crate::error::Error;
@@ -283,18 +284,6 @@ fn assumptions(est: &Estimate) -> String {
     }
     s += "</dl>\n";
     s
-}
-
-fn thousands(v: u128) -> String {
-    let s = v.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 #[cfg(test)]
