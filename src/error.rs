@@ -51,6 +51,27 @@ pub enum Error {
     Preset { path: String, message: String },
 }
 
+/// A preset found by its name or one of its aliases, case-insensitively.
+pub trait Named {
+    fn name(&self) -> &str;
+    fn aliases(&self) -> &[String];
+
+    fn answers_to(&self, query: &str) -> bool {
+        self.name().eq_ignore_ascii_case(query)
+            || self.aliases().iter().any(|a| a.eq_ignore_ascii_case(query))
+    }
+}
+
+/// The first item answering to `query`, or the `"; did you mean 'x'?"` suggestion for an error.
+pub fn find_named<'a, T: Named>(items: &'a [T], query: &str) -> Result<&'a T, String> {
+    items.iter().find(|i| i.answers_to(query)).ok_or_else(|| {
+        let names = items
+            .iter()
+            .flat_map(|i| std::iter::once(i.name()).chain(i.aliases().iter().map(String::as_str)));
+        did_you_mean(query, names)
+    })
+}
+
 /// Suggests the closest candidate to `name` (edit distance ≤ a third of its length), formatted as
 /// `"; did you mean 'x'?"`, or an empty string.
 pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {

@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{did_you_mean, Error};
+use crate::error::{find_named, Error, Named};
 use crate::estimate::Estimate;
 use crate::units::{parse_size, Bytes, MIB};
 
@@ -76,10 +76,15 @@ impl Gpu {
             prices_as_of: String::new(),
         }
     }
+}
 
-    fn matches(&self, arg: &str) -> bool {
-        self.name.eq_ignore_ascii_case(arg)
-            || self.aliases.iter().any(|a| a.eq_ignore_ascii_case(arg))
+impl Named for Gpu {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn aliases(&self) -> &[String] {
+        &self.aliases
     }
 }
 
@@ -150,7 +155,7 @@ impl Catalogue {
         };
         let file: PatchFile = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
         for p in file.gpu {
-            let idx = match self.gpus.iter().position(|g| g.matches(&p.name)) {
+            let idx = match self.gpus.iter().position(|g| g.answers_to(&p.name)) {
                 Some(i) => i,
                 None => {
                     let mib = p.memory_mib.ok_or_else(|| {
@@ -208,19 +213,16 @@ impl Catalogue {
 
     /// Resolves `--gpu`: a name or alias, or a size such as `24GB`.
     pub fn resolve(&self, arg: &str) -> Result<Gpu, Error> {
-        if let Some(g) = self.gpus.iter().find(|g| g.matches(arg)) {
-            return Ok(g.clone());
+        match find_named(&self.gpus, arg) {
+            Ok(g) => Ok(g.clone()),
+            Err(_) if arg.starts_with(|c: char| c.is_ascii_digit()) => {
+                Ok(Gpu::of_size(arg, parse_size(arg)?))
+            }
+            Err(suggestion) => Err(Error::UnknownGpu {
+                name: arg.to_string(),
+                suggestion,
+            }),
         }
-        if arg.starts_with(|c: char| c.is_ascii_digit()) {
-            return Ok(Gpu::of_size(arg, parse_size(arg)?));
-        }
-        let names = self.gpus.iter().flat_map(|g| {
-            std::iter::once(g.name.as_str()).chain(g.aliases.iter().map(String::as_str))
-        });
-        Err(Error::UnknownGpu {
-            name: arg.to_string(),
-            suggestion: did_you_mean(arg, names),
-        })
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use serde::{Deserialize, Serialize};
 
 use super::{HfConfig, ModelShape};
-use crate::error::{did_you_mean, Error};
+use crate::error::{find_named, Error, Named};
 use crate::units::parse_count;
 
 const MODELS_TOML: &str = include_str!("../../presets/models.toml");
@@ -118,10 +118,14 @@ pub fn presets() -> &'static [Preset] {
     })
 }
 
-fn find_preset(name: &str) -> Option<&'static Preset> {
-    presets().iter().find(|p| {
-        p.name.eq_ignore_ascii_case(name) || p.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
-    })
+impl Named for Preset {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn aliases(&self) -> &[String] {
+        &self.aliases
+    }
 }
 
 /// Resolves `--model`.
@@ -139,19 +143,16 @@ pub fn resolve_model(arg: &str) -> Result<(ModelShape, ModelSource), Error> {
         let shape = cfg.resolve(&name, &file)?;
         return Ok((shape, ModelSource::ConfigFile(file.display().to_string())));
     }
-    if let Some(p) = find_preset(arg) {
-        return Ok((p.shape.clone(), ModelSource::Preset(p.source.clone())));
+    match find_named(presets(), arg) {
+        Ok(p) => Ok((p.shape.clone(), ModelSource::Preset(p.source.clone()))),
+        Err(suggestion) => match parse_count(arg).filter(|_| arg.ends_with(['B', 'b', 'M', 'm'])) {
+            Some(params) => synthetic(arg, params),
+            None => Err(Error::UnknownModel {
+                name: arg.to_string(),
+                suggestion,
+            }),
+        },
     }
-    if let Some(params) = parse_count(arg).filter(|_| arg.ends_with(['B', 'b', 'M', 'm'])) {
-        return synthetic(arg, params);
-    }
-    let names = presets()
-        .iter()
-        .flat_map(|p| std::iter::once(p.name.as_str()).chain(p.aliases.iter().map(String::as_str)));
-    Err(Error::UnknownModel {
-        name: arg.to_string(),
-        suggestion: did_you_mean(arg, names),
-    })
 }
 
 fn synthetic(arg: &str, params: f64) -> Result<(ModelShape, ModelSource), Error> {
