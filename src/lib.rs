@@ -20,6 +20,7 @@ pub mod gpu;
 pub mod method;
 pub mod model;
 pub mod plan;
+pub mod probe;
 pub mod report;
 pub mod seed;
 pub mod units;
