@@ -44,6 +44,9 @@ pub enum Command {
     Fit(FitArgs),
     /// Training FLOPs, wall time, GPU-hours and money (rent and buy).
     Cost(CostArgs),
+    /// Read the GPU through NVML and measure a real NF4 + LoRA training step (candle), compared
+    /// with its estimate.
+    Probe(ProbeArgs),
 }
 
 /// Output format of a report.
@@ -567,5 +570,136 @@ impl CostArgs {
             anyhow::bail!("--gpus {}: at least 1 GPU is needed", self.gpus);
         }
         Ok(self.gpus as u128)
+    }
+}
+
+/// Where `memplan probe` runs its step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProbeDevice {
+    /// CUDA when this build has it and NVML sees a GPU, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// Output format of `memplan probe`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProbeFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    #[arg(long, value_enum, default_value_t = ProbeDevice::Auto)]
+    pub device: ProbeDevice,
+    /// Vocabulary size [default: 256 on the CPU, 32000 on CUDA].
+    #[arg(long)]
+    pub vocab: Option<usize>,
+    /// Hidden size [default: 128 on the CPU, 1024 on CUDA].
+    #[arg(long)]
+    pub hidden: Option<usize>,
+    /// Decoder layers [default: 2 on the CPU, 4 on CUDA].
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Attention heads [default: 4 on the CPU, 16 on CUDA].
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Key/value heads (grouped-query attention) [default: 2 on the CPU, 4 on CUDA].
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
+    /// MLP intermediate size [default: 256 on the CPU, 2816 on CUDA].
+    #[arg(long)]
+    pub intermediate: Option<usize>,
+    /// Tie lm_head to the embedding.
+    #[arg(long)]
+    pub tied: bool,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA alpha (scale alpha/rank).
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f64,
+    /// LoRA dropout probability.
+    #[arg(long, default_value_t = 0.05)]
+    pub lora_dropout: f32,
+    /// all-linear, attention, mlp, or a comma list of module names (q_proj,v_proj,…).
+    #[arg(long, default_value = "all-linear")]
+    pub lora_targets: String,
+    /// Micro-batch size [default: 2 on the CPU, 4 on CUDA].
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Sequence length [default: 32 on the CPU, 256 on CUDA].
+    #[arg(long)]
+    pub seq: Option<usize>,
+    /// Training steps on the fixed batch (the last one is the measured steady state).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 5e-3)]
+    pub lr: f64,
+    /// Store the absmax constants with double quantization (default on).
+    #[arg(long, overrides_with = "no_double_quant")]
+    pub double_quant: bool,
+    /// Plain fp32 absmax constants.
+    #[arg(long)]
+    pub no_double_quant: bool,
+    /// Frozen weights in fp32 instead of NF4 (the control for the memory comparison).
+    #[arg(long)]
+    pub fp32_base: bool,
+    /// Seed of the random weights, batch and dropout masks.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value_t = ProbeFormat::Table)]
+    pub format: ProbeFormat,
+    /// Write the measured CUDA context size as TOML for `memplan estimate --calibration`.
+    #[arg(long)]
+    pub save_calibration: Option<PathBuf>,
+}
+
+impl ProbeArgs {
+    /// Resolves the device and the per-device defaults into probe options.
+    pub fn options(&self) -> Result<memplan::probe::ProbeOptions> {
+        use memplan::probe::{model::ModelConfig, Backend};
+        let backend = match self.device {
+            ProbeDevice::Cpu => Backend::Cpu,
+            ProbeDevice::Cuda => Backend::Cuda,
+            ProbeDevice::Auto => {
+                let gpu = memplan::probe::nvml::inventory().is_ok_and(|i| !i.gpus.is_empty());
+                if memplan::probe::device::CUDA_COMPILED && gpu {
+                    Backend::Cuda
+                } else {
+                    Backend::Cpu
+                }
+            }
+        };
+        let gpu = backend == Backend::Cuda;
+        let pick =
+            |v: Option<usize>, cpu: usize, cuda: usize| v.unwrap_or(if gpu { cuda } else { cpu });
+        let model = ModelConfig {
+            vocab: pick(self.vocab, 256, 32000),
+            hidden: pick(self.hidden, 128, 1024),
+            layers: pick(self.layers, 2, 4),
+            heads: pick(self.heads, 4, 16),
+            kv_heads: pick(self.kv_heads, 2, 4),
+            intermediate: pick(self.intermediate, 256, 2816),
+            tie_embeddings: self.tied,
+            rank: self.rank,
+            alpha: self.alpha,
+            dropout: self.lora_dropout,
+            targets: parse_targets(&self.lora_targets)?,
+            double_quant: !self.no_double_quant,
+            nf4: !self.fp32_base,
+            batch: pick(self.batch, 2, 4),
+            seq: pick(self.seq, 32, 256),
+            seed: self.seed,
+        };
+        model.validate()?;
+        Ok(memplan::probe::ProbeOptions {
+            model,
+            steps: self.steps,
+            lr: self.lr,
+            backend,
+        })
     }
 }

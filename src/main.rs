@@ -4,7 +4,7 @@ mod cli;
 
 use std::io::Write;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
 
 use cli::{ChartKind, Cli, Command};
@@ -13,6 +13,10 @@ use memplan::estimate::runtime::{pytorch_cuda, Calibration};
 use memplan::gpu::Catalogue;
 use memplan::plan::emit;
 use memplan::{cost, gpu, model, plan, report};
+
+/// Counts heap bytes so `memplan probe` can measure a step's peak on the CPU.
+#[global_allocator]
+static ALLOC: memplan::probe::alloc::CountingAlloc = memplan::probe::alloc::CountingAlloc;
 
 fn main() {
     let cli = Cli::parse();
@@ -71,6 +75,21 @@ fn run(cli: Cli) -> Result<String> {
             a.format.into(),
         )?),
         Command::Gpus(a) => Ok(report::render_gpus(gpu::gpus(), a.format.into())?),
+        Command::Probe(a) => {
+            let report = memplan::probe::probe(&a.options()?)?;
+            if let Some(path) = &a.save_calibration {
+                let Some(cal) = &report.calibration else {
+                    bail!("--save-calibration needs a CUDA run (--device cuda): the calibration holds the measured CUDA context size, and the CPU has none");
+                };
+                std::fs::write(path, cal.to_toml())
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            let format = match a.format {
+                cli::ProbeFormat::Table => report::Format::Table,
+                cli::ProbeFormat::Json => report::Format::Json,
+            };
+            Ok(report::render_probe(&report, format)?)
+        }
         Command::Table(a) => {
             if !a.seed {
                 bail!("`memplan table` needs --seed (the rule-of-thumb comparison table)");

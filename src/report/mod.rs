@@ -5,6 +5,7 @@ mod csv;
 pub mod html;
 mod markdown;
 mod plan;
+mod probe;
 mod table;
 
 pub use plan::{render_cost, render_fit};
@@ -18,6 +19,8 @@ use crate::method::Job;
 use crate::model::presets::Preset;
 use crate::seed::SeedRow;
 use crate::units::Bytes;
+
+pub use probe::render_probe;
 
 /// Output formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
