@@ -46,89 +46,65 @@ fn run(model: ModelConfig, steps: usize) -> memplan::probe::ProbeReport {
     probe(&ProbeOptions {
         model,
         steps,
-        lr: 1e-2,
+        lr: 5e-3,
         backend: Backend::Cpu,
     })
     .unwrap()
 }
 
-#[test]
-fn explore() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    for nf4 in [true, false] {
-        let r = run(tiny(nf4), 4);
-        eprintln!("nf4={nf4} losses {:?}", r.losses);
-        eprintln!(
-            "runtime {} meas {} est {} err {:.2}% steps {:?} res meas {} est {}",
-            r.runtime_bytes,
-            r.measured_peak_bytes,
-            r.estimated_peak_bytes,
-            r.error_pct,
-            r.step_peak_bytes,
-            r.measured_resident_bytes,
-            r.estimated_resident_bytes
-        );
-        eprintln!("{:?}", r.estimate);
-    }
+fn linear_weight_params(c: &ModelConfig) -> u64 {
+    (c.layers * c.linears().iter().map(|(_, i, o)| i * o).sum::<usize>()) as u64
 }
 
-#[test]
-fn explore_phases() {
-    use memplan::probe::alloc;
-    use memplan::probe::graph::Candle;
-    use memplan::probe::model::Decoder;
-    use memplan::probe::rng::Rng;
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    for nf4 in [true, false] {
-        let cfg = tiny(nf4);
-        let base = alloc::current();
-        let g = Candle::new(candle_core::Device::Cpu);
-        let model = Decoder::new(&g, &cfg).unwrap();
-        let batch = model.batch(&g).unwrap();
-        let mut rng = Rng::new(1);
-        for _ in 0..2 {
-            alloc::reset_peak();
-            let r0 = alloc::current() - base;
-            let loss = model.loss(&g, &batch, &mut rng).unwrap();
-            let f = (alloc::current() - base, alloc::peak() - base);
-            let grads = loss.backward().unwrap();
-            let b = (alloc::current() - base, alloc::peak() - base);
-            drop(loss);
-            let d = alloc::current() - base;
-            drop(grads);
-            eprintln!("nf4={nf4} resident {r0} fwd(cur,peak) {f:?} bwd {b:?} after drop loss {d} after grads {}", alloc::current() - base);
-        }
-        let est = memplan::probe::expected::estimate_step(&cfg).unwrap();
-        eprintln!("est {:?}", est);
-    }
-}
+/// Tolerance of the measured peak against the candle runtime model: 5%. The model counts every
+/// tensor buffer; what it leaves out is candle's per-node bookkeeping (an `Arc<Tensor_>` with its
+/// shape and strides, the boxed op, ~200 B for each of the ~1,000 nodes of this step, i.e.
+/// ~0.2 MB next to a ~10 MB peak) and small kernel scratch vectors. Measured: +1.4% (NF4),
+/// +1.1% (fp32 base).
+const TOLERANCE_PCT: f64 = 5.0;
 
 #[test]
-fn explore_store() {
-    use memplan::probe::graph::Candle;
-    use memplan::probe::model::Decoder;
-    use memplan::probe::rng::Rng;
+fn tiny_cpu_probe_trains_and_matches_the_candle_estimate() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let cfg = tiny(true);
-    let g = Candle::new(candle_core::Device::Cpu);
-    let model = Decoder::new(&g, &cfg).unwrap();
-    let batch = model.batch(&g).unwrap();
-    let mut rng = Rng::new(1);
-    let loss = model.loss(&g, &batch, &mut rng).unwrap();
-    let grads = loss.backward().unwrap();
-    let mut sizes: std::collections::BTreeMap<Vec<usize>, (usize, bool)> = Default::default();
-    let mut total = 0;
-    for id in grads.get_ids() {
-        let t = grads.get_id(*id).unwrap();
-        let e = sizes.entry(t.dims().to_vec()).or_default();
-        e.0 += 1;
-        e.1 = t.is_contiguous();
-        total += t.elem_count() * 4;
-    }
-    eprintln!(
-        "entries {} total {} {:?}",
-        grads.get_ids().count(),
-        total,
-        sizes
+    let r = run(tiny(true), 5);
+    // It trains: every step lowers the loss on the fixed batch, from about ln(256) = 5.55.
+    assert!((r.losses[0] - 256f32.ln()).abs() < 0.2, "{:?}", r.losses);
+    assert!(r.losses.windows(2).all(|w| w[1] < w[0]), "{:?}", r.losses);
+    // Within the stated tolerance of the estimate.
+    assert!(
+        r.error_pct.abs() < TOLERANCE_PCT,
+        "measured {} vs estimated {} ({:+.2}%)",
+        r.measured_peak_bytes,
+        r.estimated_peak_bytes,
+        r.error_pct
     );
+    // Resident bytes (model, adapters, AdamW state) too.
+    let res_err = (r.measured_resident_bytes as f64 - r.estimated_resident_bytes as f64)
+        / r.estimated_resident_bytes as f64;
+    assert!(res_err.abs() < TOLERANCE_PCT / 100.0, "{res_err}");
+    // Steady state: steps 2.. peak at the same bytes (nothing accumulates across steps).
+    let later = &r.step_peak_bytes[1..];
+    assert!(
+        later.iter().all(|&p| p == later[0]),
+        "{:?}",
+        r.step_peak_bytes
+    );
+}
+
+#[test]
+fn nf4_layers_do_not_keep_dequantized_weights_alive() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let nf4 = run(tiny(true), 2);
+    let dense = run(tiny(false), 2);
+    let measured_saving = dense.measured_peak_bytes as f64 - nf4.measured_peak_bytes as f64;
+    let expected_saving = dense.estimated_peak_bytes as f64 - nf4.estimated_peak_bytes as f64;
+    // If the NF4 op kept its dequantized fp32 weight alive from forward to backward, the NF4
+    // peak would rise by 4 bytes per Linear weight; the saving must be within a quarter of that.
+    let kept_copy = 4.0 * linear_weight_params(&tiny(true)) as f64;
+    assert!(
+        (measured_saving - expected_saving).abs() < 0.25 * kept_copy,
+        "saving measured {measured_saving}, expected {expected_saving}, one fp32 copy {kept_copy}"
+    );
+    // And the saving is large: at least the fp32 weights minus their NF4 form (3.44 B/weight).
+    assert!(measured_saving > 3.4 * linear_weight_params(&tiny(true)) as f64);
 }

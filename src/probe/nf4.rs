@@ -18,6 +18,7 @@
 
 use crate::error::Error;
 
+// ANCHOR: codebook
 /// The NF4 codebook: bitsandbytes `functional.get_4bit_type("nf4")` (QLoRA paper, Appendix E),
 /// quantiles of N(0, 1) normalised to [-1, 1] with an exact zero. Code `i` decodes to `NF4[i]`.
 pub const NF4: [f32; 16] = [
@@ -38,6 +39,7 @@ pub const NF4: [f32; 16] = [
     0.722_956_84,
     1.0,
 ];
+// ANCHOR_END: codebook
 
 /// Weights per absmax block (bitsandbytes `blocksize=64`, the QLoRA default); [`crate::dtype::NF4_BLOCK`].
 pub const BLOCK: usize = crate::dtype::NF4_BLOCK as usize;

@@ -303,6 +303,9 @@ pub fn probe(opts: &ProbeOptions) -> Result<ProbeReport, ProbeError> {
             )
         }
         Backend::Cuda => {
+            if !device::CUDA_COMPILED {
+                return Err(device::CudaUnavailable::NotCompiled.into());
+            }
             let inv = inv.as_ref().map_err(|e| ProbeError::Measure(e.clone()))?;
             let gpu = inv
                 .gpus

@@ -83,3 +83,83 @@ impl AdamW {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::graph::{Candle, Graph};
+    use crate::probe::model::{Decoder, ModelConfig};
+    use crate::probe::rng::Rng;
+    use candle_core::Device;
+
+    fn small() -> ModelConfig {
+        ModelConfig {
+            vocab: 64,
+            hidden: 64,
+            layers: 1,
+            heads: 2,
+            kv_heads: 1,
+            intermediate: 128,
+            tie_embeddings: true,
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: crate::method::all_linear(),
+            double_quant: false,
+            nf4: true,
+            batch: 1,
+            seq: 8,
+            seed: 3,
+        }
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    #[test]
+    fn adamw_moves_only_the_adapters() {
+        let g = Candle::new(Device::Cpu);
+        let model = Decoder::new(&g, &small()).unwrap();
+        let batch = model.batch(&g).unwrap();
+        let frozen: Vec<Vec<f32>> = [&model.embed, &model.final_norm, &model.layers[0].attn_norm]
+            .iter()
+            .map(|t| values(t))
+            .collect();
+        let nf4: Vec<Vec<u8>> = model.layers[0]
+            .linears
+            .iter()
+            .map(|l| match &l.base {
+                crate::probe::lora::Base::Nf4(w) => w.packed.clone(),
+                crate::probe::lora::Base::Dense(_) => unreachable!("nf4 config"),
+            })
+            .collect();
+        let vars = g.vars.borrow().clone();
+        let before: Vec<Vec<f32>> = vars.iter().map(|v| values(v.as_tensor())).collect();
+        let mut opt = AdamW::new(vars.clone(), AdamWConfig::with_lr(1e-2)).unwrap();
+        let loss = model.loss(&g, &batch, &mut Rng::new(1)).unwrap();
+        let grads = loss.backward().unwrap();
+        // The store also holds gradients of frozen inputs (candle computes them); the optimizer
+        // must not apply them.
+        assert!(grads.get(&model.embed).is_some() || grads.get_ids().count() > vars.len());
+        opt.step(&grads).unwrap();
+        // Every B moved (its gradient is nonzero while A is random); A only by weight decay at
+        // step one (B = 0 makes its gradient zero), so it moved too, by lr·λ·A.
+        for (i, v) in vars.iter().enumerate() {
+            let after = values(v.as_tensor());
+            assert_ne!(after, before[i], "variable {i} did not move");
+        }
+        let frozen_after: Vec<Vec<f32>> =
+            [&model.embed, &model.final_norm, &model.layers[0].attn_norm]
+                .iter()
+                .map(|t| values(t))
+                .collect();
+        assert_eq!(frozen, frozen_after);
+        for (l, packed) in model.layers[0].linears.iter().zip(&nf4) {
+            if let crate::probe::lora::Base::Nf4(w) = &l.base {
+                assert_eq!(&w.packed, packed);
+            }
+        }
+        let _ = g.dims(&model.embed);
+    }
+}
