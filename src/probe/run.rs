@@ -60,17 +60,19 @@ pub struct ProbeReport {
     pub gpus: Option<Inventory>,
     pub config: ProbeOptions,
     pub losses: Vec<f32>,
-    /// Peak of the steady-state step (the last one), above the bytes alive before the model was
-    /// built, minus `runtime_bytes`.
+    /// Peak of the steady-state step: the model's resident bytes plus the smallest rise of live
+    /// bytes within a step after the first (one-time runtime allocations, which land in some step,
+    /// are thereby left out).
     pub measured_peak_bytes: u64,
-    /// Bytes the runtime allocated during the first step and kept (on the CPU: gemm's
-    /// thread-local packing buffers; on CUDA: cuBLAS workspace and allocator pools), like a CUDA
-    /// context outside the tensors the estimate models. Reported, not compared.
+    /// Bytes the runtime allocated during the steps and kept (on the CPU: gemm's thread-local
+    /// packing buffers, one per thread that ran a matmul; on CUDA: cuBLAS workspace and allocator
+    /// pools), like a CUDA context outside the tensors the estimate models. Reported, not compared.
     pub runtime_bytes: u64,
     pub estimated_peak_bytes: u64,
     /// (measured − estimated) / estimated × 100.
     pub error_pct: f64,
-    /// Peak of every step above the pre-model baseline, `runtime_bytes` included.
+    /// Peak of every step: resident model bytes plus the step's rise above the live bytes at its
+    /// start (a step that allocated a one-time runtime buffer shows it here).
     pub step_peak_bytes: Vec<u64>,
     /// Bytes alive after building the model and optimizer, before the first step.
     pub measured_resident_bytes: u64,
@@ -220,7 +222,7 @@ struct Trained {
     losses: Vec<f32>,
     step_peaks: Vec<u64>,
     resident: u64,
-    /// Live bytes the first step left behind that no tensor of the model owns.
+    /// Live bytes the steps left behind that no tensor of the model owns.
     runtime: u64,
 }
 
@@ -238,8 +240,8 @@ fn train(
     let mut rng = Rng::new(opts.model.seed);
     let mut losses = Vec::with_capacity(opts.steps);
     let mut step_peaks = Vec::with_capacity(opts.steps);
-    let mut runtime = 0;
-    for step in 0..opts.steps {
+    for _ in 0..opts.steps {
+        let start = meter.live_above_baseline();
         meter.start_window();
         let loss = model.loss(&g, &batch, &mut rng)?;
         losses.push(scalar(&loss)?);
@@ -249,13 +251,12 @@ fn train(
         opt.step(&grads)?;
         drop(grads);
         match meter.window_peak() {
-            Ok(p) => step_peaks.push(p),
+            // The step's own rise above what was live when it started, on top of the model.
+            Ok(p) => step_peaks.push(resident + p.saturating_sub(start)),
             Err(e) => return Ok(Err(e)),
         }
-        if step == 0 {
-            runtime = meter.live_above_baseline().saturating_sub(resident);
-        }
     }
+    let runtime = meter.live_above_baseline().saturating_sub(resident);
     Ok(Ok(Trained {
         losses,
         step_peaks,
@@ -365,12 +366,12 @@ pub fn probe(opts: &ProbeOptions) -> Result<ProbeReport, ProbeError> {
             message: e.to_string(),
         })??;
 
-    let measured = trained
-        .step_peaks
-        .last()
-        .copied()
-        .unwrap_or(0)
-        .saturating_sub(trained.runtime);
+    let steady = if trained.step_peaks.len() > 1 {
+        &trained.step_peaks[1..]
+    } else {
+        &trained.step_peaks[..]
+    };
+    let measured = steady.iter().copied().min().unwrap_or(0);
     let estimated = est.peak_bytes as u64;
     let error_pct = if estimated > 0 {
         (measured as f64 - estimated as f64) / estimated as f64 * 100.0

@@ -55,7 +55,7 @@ pub fn render_probe(r: &ProbeReport, format: Format) -> Result<String, Error> {
             ]);
         }
         rows.push(vec![
-            "runtime kept after step 1 (not modelled)".into(),
+            "runtime buffers kept after the steps (not modelled)".into(),
             String::new(),
             mib(r.runtime_bytes),
             String::new(),
