@@ -91,7 +91,10 @@ fn tiny_cpu_probe_trains_and_matches_the_candle_estimate() {
     // Most steps after the first rise by exactly the same bytes (a deterministic step); a step
     // that allocated a runtime buffer is the exception.
     let later = &r.step_peak_bytes[1..];
-    let at_min = later.iter().filter(|&&p| p == r.measured_peak_bytes).count();
+    let at_min = later
+        .iter()
+        .filter(|&&p| p == r.measured_peak_bytes)
+        .count();
     assert!(at_min * 2 >= later.len(), "{:?}", r.step_peak_bytes);
 }
 

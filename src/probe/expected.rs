@@ -806,3 +806,62 @@ fn sorted_nodes(root: &ShadowTensor) -> Vec<ShadowTensor> {
     out.reverse();
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small() -> ModelConfig {
+        ModelConfig {
+            vocab: 64,
+            hidden: 64,
+            layers: 1,
+            heads: 2,
+            kv_heads: 1,
+            intermediate: 128,
+            tie_embeddings: false,
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: crate::method::all_linear(),
+            double_quant: false,
+            nf4: true,
+            batch: 1,
+            seq: 8,
+            seed: 1,
+        }
+    }
+
+    #[test]
+    fn resident_bytes_by_hand() {
+        // embedding + lm_head 2·64·64·4 = 32768; norms 3·64·4 = 768;
+        // Linear weights q 4096 + k 2048 + v 2048 + o 4096 + gate/up/down 3·8192 = 36864:
+        //   NF4 codes 18432 + fp32 absmax 576·4 = 2304;
+        // adapters r·(in+out): 512 + 384 + 384 + 512 + 3·768 = 4096 elements = 16384 B, and
+        //   AdamW m, v 32768; cos, sin 2·8·32·4 = 2048; rotate 32·32·4 = 4096;
+        //   mask (2·8)·8·4 = 512; ids and targets 2·8·4 = 64.
+        let e = estimate_step(&small()).unwrap();
+        assert_eq!(e.resident_bytes, 110_144);
+        // The whole forward graph is alive at the peak (backward, or the optimizer step while
+        // the kept gradients still reference the graph, rule 5).
+        assert!(e.peak_bytes > e.resident_bytes + e.graph_bytes);
+    }
+
+    #[test]
+    fn nf4_weights_get_no_gradient_but_dense_frozen_weights_do() {
+        // Rule 4: a dense frozen weight's Wᵀ view keeps a gradient of its size in the store;
+        // the NF4 op has no weight input. Rule 1: q, k and v of the first layer read the
+        // embedding's normed output, which is untracked, so their base matmuls record nothing
+        // and get no gradient: (36864 − 4096 − 2048 − 2048) weights × 4 B = 114688 B.
+        let nf4 = estimate_step(&small()).unwrap();
+        let dense = estimate_step(&ModelConfig {
+            nf4: false,
+            ..small()
+        })
+        .unwrap();
+        assert_eq!(
+            dense.kept_input_grad_bytes - nf4.kept_input_grad_bytes,
+            (36_864 - 8_192) * 4
+        );
+    }
+}

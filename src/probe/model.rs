@@ -76,6 +76,30 @@ impl ModelConfig {
                 return bad(format!("{flag} must be at least 1"));
             }
         }
+        // Every tensor's element count must fit comfortably in usize arithmetic; 2^48 elements
+        // (1 PiB of fp32) is far beyond any device and keeps all products below 2^64.
+        let (b, s, v, h, i) = (
+            self.batch as u128,
+            self.seq as u128,
+            self.vocab as u128,
+            self.hidden as u128,
+            self.intermediate as u128,
+        );
+        let largest = [
+            b * s * v,
+            b * s * i,
+            v * h,
+            h * i,
+            b * self.heads as u128 * s * s,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+        if largest > 1 << 48 || self.layers > 1 << 20 {
+            return bad(format!(
+                "a tensor of this step would hold {largest} elements: lower --batch, --seq, --vocab, --hidden, --intermediate or --layers"
+            ));
+        }
         if self.hidden % self.heads != 0 || self.head_dim() % 2 != 0 {
             return bad(format!(
                 "--hidden {} must be a multiple of --heads {} with an even head dimension (RoPE rotates pairs)",
