@@ -46,7 +46,7 @@ pub enum Command {
     Cost(CostArgs),
     /// Read the GPU through NVML and measure a real NF4 + LoRA training step (candle), compared
     /// with its estimate.
-    Probe(ProbeArgs),
+    Probe(Box<ProbeArgs>),
 }
 
 /// Output format of a report.
