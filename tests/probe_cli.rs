@@ -43,7 +43,7 @@ fn json_has_the_fixed_fields() {
     let estimated = v["estimated_peak_bytes"].as_u64().unwrap();
     assert!(measured > 0 && estimated > 0);
     let err = v["error_pct"].as_f64().unwrap();
-    let recomputed = (measured as f64 - estimated as f64) / estimated as f64 * 100.0;
+    let recomputed = (estimated as f64 - measured as f64) / measured as f64 * 100.0;
     assert!((err - recomputed).abs() < 1e-9);
     let losses = v["losses"].as_array().unwrap();
     assert_eq!(losses.len(), 3);

@@ -69,7 +69,8 @@ pub struct ProbeReport {
     /// pools), like a CUDA context outside the tensors the estimate models. Reported, not compared.
     pub runtime_bytes: u64,
     pub estimated_peak_bytes: u64,
-    /// (measured − estimated) / estimated × 100.
+    /// (estimated − measured) / measured × 100: the estimate's error, with the sign and base the
+    /// groundtruth validation uses.
     pub error_pct: f64,
     /// Peak of every step: resident model bytes plus the step's rise above the live bytes at its
     /// start (a step that allocated a one-time runtime buffer shows it here).
@@ -373,8 +374,8 @@ pub fn probe(opts: &ProbeOptions) -> Result<ProbeReport, ProbeError> {
     };
     let measured = steady.iter().copied().min().unwrap_or(0);
     let estimated = est.peak_bytes as u64;
-    let error_pct = if estimated > 0 {
-        (measured as f64 - estimated as f64) / estimated as f64 * 100.0
+    let error_pct = if measured > 0 {
+        (estimated as f64 - measured as f64) / measured as f64 * 100.0
     } else {
         0.0
     };

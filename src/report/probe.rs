@@ -10,13 +10,14 @@ fn mib(b: u64) -> String {
     format!("{:.2}", b as f64 / MIB as f64)
 }
 
+/// The estimate's error, (estimated − measured) / measured, as the groundtruth validation reports it.
 fn pct(measured: u64, estimated: u64) -> String {
-    if estimated == 0 {
+    if measured == 0 {
         return "-".into();
     }
     format!(
         "{:+.1}%",
-        (measured as f64 - estimated as f64) / estimated as f64 * 100.0
+        (estimated as f64 - measured as f64) / measured as f64 * 100.0
     )
 }
 
