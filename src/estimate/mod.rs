@@ -368,7 +368,7 @@ fn first_layer(job: &Job, layer: &LayerProfile, tokens: u128) -> LayerProfile {
 fn explain_activations(job: &Job, layer: &LayerProfile, head_saved: u128) -> String {
     let per_token = layer.attn_saved_per_token + layer.mlp_saved_per_token;
     let base = format!(
-        "saved for backward: {} B/token/layer ({} attention + {} MLP) × {} tokens × {} layers{} + final norm/lm_head {} B",
+        "tensors autograd saves for backward (PyTorch derivatives of the transformers Llama layer, peft LoRA, SDPA/eager): {} B/token/layer ({} attention + {} MLP) × {} tokens × {} layers{} + final norm/lm_head {} B",
         per_token,
         layer.attn_saved_per_token,
         layer.mlp_saved_per_token,

@@ -117,7 +117,7 @@ pub fn resident(job: &Job) -> Resident {
     r.quant_constants = lin_consts;
     r.explain.weights = match job.weights {
         Precision::Nf4 | Precision::Int8 => format!(
-            "{} decoder Linear weights in {} = {} B; embeddings, norms{} ({} params) in {}-bit = {} B",
+            "{} decoder Linear weights in {} = {} B; embeddings, norms{} ({} params) in {}-bit = {} B (bitsandbytes replaces nn.Linear only; transformers skips lm_head)",
             counts.linear_weights,
             job.weights,
             lin_data,
@@ -126,7 +126,11 @@ pub fn resident(job: &Job) -> Resident {
             dense_bytes * 8,
             nonlinear * dense_bytes
         ),
-        w => format!("{} params × {} B ({w})", counts.total, w.float_bytes()),
+        w => format!(
+            "{} params × {} B ({w}); counts from the config by the transformers module layout (embedding, q/k/v/o, gate/up/down, norms, lm_head)",
+            counts.total,
+            w.float_bytes()
+        ),
     };
     r.explain.quant_constants = match job.weights {
         Precision::Nf4 if job.double_quant => format!(
@@ -175,7 +179,7 @@ pub fn resident(job: &Job) -> Resident {
             }
             r.adapters = trainable.iter().map(|t| t.numel * t.bytes).sum();
             r.explain.adapters = format!(
-                "rank {rank} × (in + out) per targeted module × {} layers = {} params × 4 B (peft keeps adapters in fp32)",
+                "rank {rank} × (in + out) per targeted module × {} layers = {} params × 4 B (Hu et al. 2021; peft LoraLayer keeps adapters in fp32: autocast_adapter_dtype)",
                 m.layers,
                 trainable.iter().map(|t| t.numel).sum::<u128>()
             );
@@ -188,7 +192,7 @@ pub fn resident(job: &Job) -> Resident {
         "none (no backward pass)".into()
     } else {
         format!(
-            "one gradient per trainable parameter in its dtype: {} params = {} B, created layer by layer during backward, freed by zero_grad(set_to_none=True)",
+            "one gradient per trainable parameter in its dtype (torch autograd AccumulateGrad): {} params = {} B, created layer by layer during backward, freed by zero_grad(set_to_none=True)",
             r.trainable_params, r.trainable_bytes
         )
     };
