@@ -596,19 +596,19 @@ pub struct ProbeArgs {
     /// Vocabulary size [default: 256 on the CPU, 32000 on CUDA].
     #[arg(long)]
     pub vocab: Option<usize>,
-    /// Hidden size [default: 128 on the CPU, 1024 on CUDA].
+    /// Hidden size [default: 128 on the CPU, 512 on CUDA].
     #[arg(long)]
     pub hidden: Option<usize>,
     /// Decoder layers [default: 2 on the CPU, 4 on CUDA].
     #[arg(long)]
     pub layers: Option<usize>,
-    /// Attention heads [default: 4 on the CPU, 16 on CUDA].
+    /// Attention heads [default: 4 on the CPU, 8 on CUDA].
     #[arg(long)]
     pub heads: Option<usize>,
-    /// Key/value heads (grouped-query attention) [default: 2 on the CPU, 4 on CUDA].
+    /// Key/value heads (grouped-query attention) [default: 2 on the CPU, 2 on CUDA].
     #[arg(long)]
     pub kv_heads: Option<usize>,
-    /// MLP intermediate size [default: 256 on the CPU, 2816 on CUDA].
+    /// MLP intermediate size [default: 256 on the CPU, 1408 on CUDA].
     #[arg(long)]
     pub intermediate: Option<usize>,
     /// Tie lm_head to the embedding.
@@ -626,10 +626,10 @@ pub struct ProbeArgs {
     /// all-linear, attention, mlp, or a comma list of module names (q_proj,v_proj,…).
     #[arg(long, default_value = "all-linear")]
     pub lora_targets: String,
-    /// Micro-batch size [default: 2 on the CPU, 4 on CUDA].
+    /// Micro-batch size [default: 2 on the CPU, 2 on CUDA].
     #[arg(long)]
     pub batch: Option<usize>,
-    /// Sequence length [default: 32 on the CPU, 256 on CUDA].
+    /// Sequence length [default: 32 on the CPU, 128 on CUDA].
     #[arg(long)]
     pub seq: Option<usize>,
     /// Training steps on the fixed batch (the last one is the measured steady state).
@@ -678,11 +678,11 @@ impl ProbeArgs {
             |v: Option<usize>, cpu: usize, cuda: usize| v.unwrap_or(if gpu { cuda } else { cpu });
         let model = ModelConfig {
             vocab: pick(self.vocab, 256, 32000),
-            hidden: pick(self.hidden, 128, 1024),
+            hidden: pick(self.hidden, 128, 512),
             layers: pick(self.layers, 2, 4),
-            heads: pick(self.heads, 4, 16),
-            kv_heads: pick(self.kv_heads, 2, 4),
-            intermediate: pick(self.intermediate, 256, 2816),
+            heads: pick(self.heads, 4, 8),
+            kv_heads: pick(self.kv_heads, 2, 2),
+            intermediate: pick(self.intermediate, 256, 1408),
             tie_embeddings: self.tied,
             rank: self.rank,
             alpha: self.alpha,
@@ -690,8 +690,8 @@ impl ProbeArgs {
             targets: parse_targets(&self.lora_targets)?,
             double_quant: !self.no_double_quant,
             nf4: !self.fp32_base,
-            batch: pick(self.batch, 2, 4),
-            seq: pick(self.seq, 32, 256),
+            batch: pick(self.batch, 2, 2),
+            seq: pick(self.seq, 32, 128),
             seed: self.seed,
         };
         model.validate()?;
