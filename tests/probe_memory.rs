@@ -80,6 +80,19 @@ fn tiny_cpu_probe_trains_and_matches_the_candle_estimate() {
         r.estimated_peak_bytes,
         r.error_pct
     );
+    // Each phase's highest live bytes, measured in its own window, too.
+    for (phase, estimated) in &r.estimate.phases {
+        let Some((_, measured)) = r.measured_phase_peak_bytes.iter().find(|(p, _)| p == phase)
+        else {
+            assert_eq!(*phase, "load", "every step phase is measured");
+            continue;
+        };
+        let err = (*estimated as f64 - *measured as f64) / *measured as f64 * 100.0;
+        assert!(
+            err.abs() < TOLERANCE_PCT,
+            "{phase}: {estimated} vs {measured} ({err:+.2}%)"
+        );
+    }
     // Resident bytes (model, adapters, AdamW state) too.
     let res_err = (r.measured_resident_bytes as f64 - r.estimated_resident_bytes as f64)
         / r.estimated_resident_bytes as f64;

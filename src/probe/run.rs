@@ -75,6 +75,9 @@ pub struct ProbeReport {
     /// Peak of every step: resident model bytes plus the step's rise above the live bytes at its
     /// start (a step that allocated a one-time runtime buffer shows it here).
     pub step_peak_bytes: Vec<u64>,
+    /// Highest live bytes of each phase (forward, backward, optimizer) of the steady-state step,
+    /// measured like `measured_peak_bytes` (the smallest over the steps after the first).
+    pub measured_phase_peak_bytes: Vec<(&'static str, u64)>,
     /// Bytes alive after building the model and optimizer, before the first step.
     pub measured_resident_bytes: u64,
     pub estimated_resident_bytes: u64,
@@ -222,6 +225,8 @@ impl Meter for CudaMeter {
 struct Trained {
     losses: Vec<f32>,
     step_peaks: Vec<u64>,
+    /// Per step: the highest live bytes of its forward, backward and optimizer phases.
+    phase_peaks: Vec<[u64; 3]>,
     resident: u64,
     /// Live bytes the steps left behind that no tensor of the model owns.
     runtime: u64,
@@ -241,26 +246,42 @@ fn train(
     let mut rng = Rng::new(opts.model.seed);
     let mut losses = Vec::with_capacity(opts.steps);
     let mut step_peaks = Vec::with_capacity(opts.steps);
+    let mut phase_peaks = Vec::with_capacity(opts.steps);
     for _ in 0..opts.steps {
         let start = meter.live_above_baseline();
+        // The step's own rise above what was live when it started, on top of the model; one
+        // window per phase (forward, backward, optimizer), in the order the estimate walks them.
+        let mut phases = [0u64; 3];
         meter.start_window();
         let loss = model.loss(&g, &batch, &mut rng)?;
         losses.push(scalar(&loss)?);
+        match meter.window_peak() {
+            Ok(p) => phases[0] = resident + p.saturating_sub(start),
+            Err(e) => return Ok(Err(e)),
+        }
+        meter.start_window();
         let grads = loss.backward()?;
         // Free the forward graph before the update (the estimate assumes this order).
         drop(loss);
+        match meter.window_peak() {
+            Ok(p) => phases[1] = resident + p.saturating_sub(start),
+            Err(e) => return Ok(Err(e)),
+        }
+        meter.start_window();
         opt.step(&grads)?;
         drop(grads);
         match meter.window_peak() {
-            // The step's own rise above what was live when it started, on top of the model.
-            Ok(p) => step_peaks.push(resident + p.saturating_sub(start)),
+            Ok(p) => phases[2] = resident + p.saturating_sub(start),
             Err(e) => return Ok(Err(e)),
         }
+        step_peaks.push(phases.iter().copied().max().unwrap_or(0));
+        phase_peaks.push(phases);
     }
     let runtime = meter.live_above_baseline().saturating_sub(resident);
     Ok(Ok(Trained {
         losses,
         step_peaks,
+        phase_peaks,
         resident,
         runtime,
     }))
@@ -373,6 +394,20 @@ pub fn probe(opts: &ProbeOptions) -> Result<ProbeReport, ProbeError> {
         &trained.step_peaks[..]
     };
     let measured = steady.iter().copied().min().unwrap_or(0);
+    // Per phase, the same steady-state rule: the smallest over the steps after the first.
+    let steady_phases = if trained.phase_peaks.len() > 1 {
+        &trained.phase_peaks[1..]
+    } else {
+        &trained.phase_peaks[..]
+    };
+    let measured_phase_peak_bytes = ["forward", "backward", "optimizer"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let v = steady_phases.iter().map(|p| p[i]).min().unwrap_or(0);
+            (*name, v)
+        })
+        .collect();
     let estimated = est.peak_bytes as u64;
     let error_pct = if measured > 0 {
         (estimated as f64 - measured as f64) / measured as f64 * 100.0
@@ -399,6 +434,7 @@ pub fn probe(opts: &ProbeOptions) -> Result<ProbeReport, ProbeError> {
         error_pct,
         runtime_bytes: trained.runtime,
         step_peak_bytes: trained.step_peaks,
+        measured_phase_peak_bytes,
         measured_resident_bytes: trained.resident,
         estimated_resident_bytes: est.resident_bytes as u64,
         estimate: est,

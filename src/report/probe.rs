@@ -33,11 +33,16 @@ pub fn render_probe(r: &ProbeReport, format: Format) -> Result<String, Error> {
         ]];
         for (phase, bytes) in &r.estimate.phases {
             if *phase != "load" {
+                let measured = r
+                    .measured_phase_peak_bytes
+                    .iter()
+                    .find(|(p, _)| p == phase)
+                    .map(|(_, b)| *b);
                 rows.push(vec![
                     format!("{phase} (highest live)"),
                     mib(*bytes as u64),
-                    String::new(),
-                    String::new(),
+                    measured.map(mib).unwrap_or_default(),
+                    measured.map(|m| pct(m, *bytes as u64)).unwrap_or_default(),
                 ]);
             }
         }
