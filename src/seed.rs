@@ -35,47 +35,22 @@ pub struct SeedRow {
 fn configurations() -> Vec<(&'static str, Method, Precision, Precision)> {
     vec![
         (
-            "load fp32 (inference)",
+            "load fp32",
             Method::Inference,
             Precision::Fp32,
             Precision::Fp32,
         ),
         (
-            "load int8 (inference)",
+            "load int8",
             Method::Inference,
             Precision::Int8,
             Precision::Bf16,
         ),
-        (
-            "full fp32 AdamW",
-            Method::Full,
-            Precision::Fp32,
-            Precision::Fp32,
-        ),
-        (
-            "full mixed (fp32+bf16) AdamW",
-            Method::Full,
-            Precision::Fp32,
-            Precision::Bf16,
-        ),
-        (
-            "full bf16 AdamW",
-            Method::Full,
-            Precision::Bf16,
-            Precision::Bf16,
-        ),
-        (
-            "LoRA r16 (bf16)",
-            Method::Lora,
-            Precision::Bf16,
-            Precision::Bf16,
-        ),
-        (
-            "QLoRA r16 (nf4)",
-            Method::Qlora,
-            Precision::Nf4,
-            Precision::Bf16,
-        ),
+        ("full fp32", Method::Full, Precision::Fp32, Precision::Fp32),
+        ("full mixed", Method::Full, Precision::Fp32, Precision::Bf16),
+        ("full bf16", Method::Full, Precision::Bf16, Precision::Bf16),
+        ("LoRA r16", Method::Lora, Precision::Bf16, Precision::Bf16),
+        ("QLoRA r16", Method::Qlora, Precision::Nf4, Precision::Bf16),
     ]
 }
 

@@ -300,16 +300,17 @@ pub fn render_seed(rows: &[SeedRow], format: Format) -> Result<String, Error> {
         let mut headers: Vec<String> = [
             "size",
             "params",
-            "rule: load fp32 (4 B/p)",
-            "rule: load 8-bit (1 B/p)",
-            "rule: train (16–24 B/p)",
+            "rule: fp32 load 4 B/p",
+            "rule: 8-bit load 1 B/p",
+            "rule: train 16–24 B/p",
         ]
         .map(String::from)
         .to_vec();
-        headers.extend(labels.iter().map(|l| format!("memplan: {l}")));
+        headers.extend(labels.iter().cloned());
         Sheet {
             title: vec![
                 "Rules of thumb vs memplan (GiB as nvidia-smi would show them; batch 1 × 2048 tokens, SDPA, no checkpointing, AdamW)".into(),
+                "memplan columns: load = inference prefill of 2048 tokens; full fp32 = fp32 weights and compute; full mixed = fp32 master weights + bf16 autocast; full bf16 = bf16 weights, gradients and AdamW states; LoRA/QLoRA r16 on all linear layers".into(),
             ],
             numeric: (1..headers.len()).collect(),
             headers,
@@ -328,7 +329,7 @@ pub fn render_seed(rows: &[SeedRow], format: Format) -> Result<String, Error> {
                 })
                 .collect(),
             notes: vec![
-                "Where the rule holds: full fine-tuning with AdamW lands inside 16–24 B/param only at short sequences; the logits of 128k-vocabulary models and activations push it above, and LoRA/QLoRA are far below it.".into(),
+                "Where the rule holds: fp32 and mixed-precision full fine-tuning with AdamW at short sequences (≈20 B/param at the optimizer step: weights 4 + gradients 4 + states 8 + foreach buffer 4). Where it does not: pure bf16 training keeps AdamW states in bf16 (≈10 B/param); LoRA and QLoRA are far below it; long sequences add activations and 128k-vocabulary logits to every method.".into(),
                 "memplan adds what the rules leave out: activations and logits (which grow with batch × sequence), the 16-bit layers QLoRA keeps, quantization constants, cuBLAS workspace, allocator reserve and the CUDA context.".into(),
             ],
         }
