@@ -273,10 +273,9 @@ fn train_step(job: &Job, sh: &PerGpu, t: &mut Timeline) -> StepExplain {
         }
     }
     t.free(Category::Temporaries, hidden_grad);
-    t.free(
-        Category::Temporaries,
-        mask.min(t.live(Category::Temporaries)),
-    );
+    if job.grad_checkpointing {
+        t.free(Category::Temporaries, mask);
+    }
 
     if sh.bucket > 0 {
         t.free(Category::CommBuckets, sh.bucket);
