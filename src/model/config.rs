@@ -16,6 +16,8 @@ pub const SUPPORTED_MODEL_TYPES: [&str; 5] = ["llama", "mistral", "mixtral", "qw
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct HfConfig {
     pub model_type: Option<String>,
+    /// e.g. `["LlamaForCausalLM"]`; names the architecture when `model_type` is absent.
+    pub architectures: Option<Vec<String>>,
     pub vocab_size: Option<u64>,
     pub hidden_size: Option<u64>,
     pub intermediate_size: Option<u64>,
@@ -64,10 +66,16 @@ impl HfConfig {
                 "holds the language model of a multimodal checkpoint; pass that text model's own config.json",
             ));
         }
-        let model_type = self
-            .model_type
-            .clone()
-            .ok_or_else(|| field("model_type", "is missing"))?;
+        let model_type = match (&self.model_type, &self.architectures) {
+            (Some(t), _) => t.clone(),
+            // transformers names the class after the model type: `Qwen2ForCausalLM` → qwen2.
+            (None, Some(archs)) => archs
+                .iter()
+                .find_map(|a| a.strip_suffix("ForCausalLM"))
+                .map(str::to_ascii_lowercase)
+                .ok_or_else(|| field("architectures", "names no *ForCausalLM class"))?,
+            (None, None) => return Err(field("model_type", "is missing")),
+        };
         if !SUPPORTED_MODEL_TYPES.contains(&model_type.as_str()) {
             return Err(field(
                 "model_type",
@@ -168,6 +176,17 @@ mod tests {
     fn unsupported_architecture_is_named() {
         let e = parse(r#"{"model_type":"gpt2"}"#).unwrap_err();
         assert!(e.to_string().contains("'gpt2'"), "{e}");
+    }
+
+    #[test]
+    fn architecture_class_names_the_model_type_when_it_is_absent() {
+        let m = parse(
+            r#"{"architectures":["Qwen2ForCausalLM"],"vocab_size":10,"hidden_size":64,
+                "intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4}"#,
+        )
+        .unwrap();
+        assert_eq!(m.model_type, "qwen2");
+        assert!(m.qkv_bias);
     }
 
     #[test]
