@@ -10,6 +10,8 @@ use serde_json::Value;
 struct Case {
     id: String,
     job: Job,
+    /// The same case as `memplan estimate` flags.
+    args: Vec<String>,
     measured: u128,
     measured_reserved: u128,
     phase: String,
@@ -59,6 +61,37 @@ fn load_cases() -> Vec<Case> {
                 job.double_quant = c["double_quant"].as_bool().unwrap();
                 job.kbit_prep = c["prep_kbit"].as_bool().unwrap();
             }
+            let mut args: Vec<String> = vec![
+                "estimate".into(),
+                "--model".into(),
+                cfg.to_str().unwrap().into(),
+                "--method".into(),
+                method.to_string(),
+                "--batch".into(),
+                job.batch.to_string(),
+                "--seq".into(),
+                job.seq.to_string(),
+                "--attention".into(),
+                job.attention.to_string(),
+                "--optimizer".into(),
+                job.optimizer.to_string(),
+            ];
+            if c["method"] == "full_fp32_amp" {
+                args.extend(["--weights", "fp32", "--compute", "bf16"].map(String::from));
+            }
+            if job.grad_checkpointing {
+                args.push("--grad-checkpointing".into());
+            }
+            if let Some(l) = &job.lora {
+                args.extend(["--rank".into(), l.rank.to_string()]);
+                args.extend(["--lora-dropout".into(), l.dropout.to_string()]);
+            }
+            if method == Method::Qlora && !job.double_quant {
+                args.push("--no-double-quant".into());
+            }
+            if job.kbit_prep {
+                args.push("--kbit-prep".into());
+            }
             let s = &r["summary"];
             let measured = s["peak_alloc_step1"]
                 .as_u64()
@@ -71,6 +104,7 @@ fn load_cases() -> Vec<Case> {
             Case {
                 id: r["id"].as_str().unwrap().to_string(),
                 job,
+                args,
                 measured: measured.into(),
                 measured_reserved: reserved.into(),
                 phase: s["peak_phase_step2"].as_str().unwrap_or("").to_string(),
@@ -155,4 +189,28 @@ fn single_gpu_estimates_are_bit_identical_to_the_snapshot() {
         assert_eq!(a, b, "single-GPU estimate changed");
     }
     assert_eq!(snapshot.lines().count(), 75);
+}
+
+/// `memplan estimate` with each case's config.json as `--model` and its settings as flags gives
+/// the library's number: the CLI reads the cases exactly as the test above models them.
+#[test]
+fn cli_estimates_every_case_like_the_library() {
+    for c in load_cases() {
+        let out = assert_cmd::Command::cargo_bin("memplan")
+            .unwrap()
+            .args(&c.args)
+            .args(["--format", "json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            c.id,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let cli = v["peak_allocated_bytes"].as_u64().unwrap();
+        let lib = estimate(&c.job).unwrap().peak_allocated_bytes.0;
+        assert_eq!(u128::from(cli), lib, "{}", c.id);
+    }
 }
