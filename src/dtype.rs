@@ -78,6 +78,7 @@ impl Precision {
 /// the 256-entry fp32 dynamic map of the nested state. Checked byte for byte against the
 /// `quant_state_bytes` measured in `../shared/groundtruth` (1B: 15,564,224 with, 60,824,576
 /// without double quantization).
+// ANCHOR: nf4_constants
 pub fn nf4_constants_bytes(n: u128, double_quant: bool) -> u128 {
     let blocks = n.div_ceil(NF4_BLOCK);
     let code = 16 * 4;
@@ -87,6 +88,7 @@ pub fn nf4_constants_bytes(n: u128, double_quant: bool) -> u128 {
         blocks * 4 + code
     }
 }
+// ANCHOR_END: nf4_constants
 
 impl fmt::Display for Precision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

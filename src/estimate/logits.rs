@@ -25,6 +25,7 @@ pub struct Logits {
     pub grad_raw: u128,
 }
 
+// ANCHOR: logits
 pub fn logits(dt: &Dtypes, tokens: u128, vocab: u128) -> Logits {
     let n = tokens * vocab;
     let raw = dt.logits * n;
@@ -37,3 +38,4 @@ pub fn logits(dt: &Dtypes, tokens: u128, vocab: u128) -> Logits {
         grad_raw: if dt.logits == 4 { 0 } else { raw },
     }
 }
+// ANCHOR_END: logits
