@@ -4,13 +4,10 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use assert_cmd::Command;
-use predicates::str::contains;
-use serde_json::Value;
+mod common;
 
-fn memplan() -> Command {
-    Command::cargo_bin("memplan").unwrap()
-}
+use common::{json, memplan};
+use predicates::str::contains;
 
 fn run_ok(args: &[&str]) {
     memplan()
@@ -18,16 +15,6 @@ fn run_ok(args: &[&str]) {
         .assert()
         .success()
         .stdout(contains("wrote "));
-}
-
-fn json(args: &[&str]) -> Value {
-    let out = memplan().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// Width, height and RGB pixels of a PNG.

@@ -1,33 +1,16 @@
 //! End-to-end tests of the `memplan` binary: the commands the README shows, JSON fields other
 //! tools rely on, and one clear error (never a panic) for each kind of bad input.
 
-use assert_cmd::Command;
-use predicates::prelude::*;
-use serde_json::Value;
+mod common;
 
-fn memplan() -> Command {
-    Command::cargo_bin("memplan").unwrap()
-}
+use common::{fails_with, format_json as json, memplan};
+use predicates::prelude::*;
 
 fn config(name: &str) -> String {
     format!(
         "{}/tests/data/configs/{name}.json",
         env!("CARGO_MANIFEST_DIR")
     )
-}
-
-fn json(args: &[&str]) -> Value {
-    let out = memplan()
-        .args(args)
-        .args(["--format", "json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[test]
@@ -134,15 +117,6 @@ fn models_gpus_and_seed_table_list() {
         .stdout(predicate::str::contains("rtx-4090"));
     let v = json(&["table", "--seed"]);
     assert_eq!(v.as_array().unwrap().len(), 5);
-}
-
-fn fails_with(args: &[&str], message: &str) {
-    memplan()
-        .args(args)
-        .assert()
-        .failure()
-        .stderr(predicate::str::contains(message))
-        .stderr(predicate::str::contains("panicked").not());
 }
 
 #[test]

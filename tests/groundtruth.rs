@@ -2,6 +2,8 @@
 //! Asserts |estimate − measured| / measured of peak allocated bytes: median ≤ 5%, every case
 //! ≤ 12%. Prints the per-case table (run with `--nocapture` to see it).
 
+mod common;
+
 use std::path::Path;
 
 use memplan::{estimate, resolve_model, Attention, Job, Method, Optimizer, Precision};
@@ -196,19 +198,8 @@ fn single_gpu_estimates_are_bit_identical_to_the_snapshot() {
 #[test]
 fn cli_estimates_every_case_like_the_library() {
     for c in load_cases() {
-        let out = assert_cmd::Command::cargo_bin("memplan")
-            .unwrap()
-            .args(&c.args)
-            .args(["--format", "json"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}: {}",
-            c.id,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let args: Vec<&str> = c.args.iter().map(String::as_str).collect();
+        let v = common::format_json(&args);
         let cli = v["peak_allocated_bytes"].as_u64().unwrap();
         let lib = estimate(&c.job).unwrap().peak_allocated_bytes.0;
         assert_eq!(u128::from(cli), lib, "{}", c.id);

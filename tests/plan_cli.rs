@@ -2,48 +2,12 @@
 //! and `memplan cost` — the JSON fields scripts rely on, consistency between commands, and one
 //! clear error for each kind of bad input.
 
-use assert_cmd::Command;
+mod common;
+
+use common::{fails_with, format_json as run_json, memplan, stdout};
 use predicates::prelude::*;
 use serde_json::Value;
 use yaml_rust2::YamlLoader;
-
-fn memplan() -> Command {
-    Command::cargo_bin("memplan").unwrap()
-}
-
-fn run_json(args: &[&str]) -> Value {
-    let out = memplan()
-        .args(args)
-        .args(["--format", "json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn stdout(args: &[&str]) -> String {
-    let out = memplan().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs a command that must fail with exactly one `error:` line containing `needle`.
-fn fails_with(args: &[&str], needle: &str) {
-    let out = memplan().args(args).output().unwrap();
-    assert!(!out.status.success(), "{args:?} succeeded");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(needle), "{args:?}: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(err.matches("error:").count(), 1, "{err}");
-}
 
 fn u(v: &Value) -> u128 {
     v.as_u64().unwrap().into()

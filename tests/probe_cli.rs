@@ -1,12 +1,10 @@
 //! `memplan probe` end to end on this machine's CPU (no NVIDIA driver is required; with one, the
 //! NVML line lists the GPUs instead).
 
-use assert_cmd::Command;
-use predicates::prelude::*;
+mod common;
 
-fn memplan() -> Command {
-    Command::cargo_bin("memplan").unwrap()
-}
+use common::memplan;
+use predicates::prelude::*;
 
 #[test]
 fn cpu_probe_prints_the_nvml_line_and_the_comparison() {
