@@ -168,14 +168,10 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn lora(&self, p: &Proj) -> Option<&crate::method::LoraSettings> {
-        if p.module != crate::arch::Module::Linear {
-            return None;
-        }
         self.job
             .lora
             .as_ref()
-            .filter(|_| matches!(self.job.method, Method::Lora | Method::Qlora))
-            .filter(|l| l.targets.contains(&p.kind))
+            .filter(|_| super::resident::adapts_linear(self.job, p))
     }
 
     fn quantized(&self, p: &Proj) -> bool {
@@ -272,6 +268,17 @@ fn op_cost(
             if in_rg || trains {
                 // fp32 softmax over the experts, top-k weights (fp32) and int64 indices.
                 c.saved.push(Saved::Own(t * (4 * r.experts + 12 * r.top_k)));
+            }
+            let (_, _, wrapped) = super::resident::adapted_expert_params(cx.job);
+            if wrapped && r.proj.module == crate::arch::Module::Param {
+                // ParamWrapper materialises W + ΔW in the weight's dtype; F.linear saves it.
+                let rank = cx.job.lora.as_ref().map_or(0, |l| l.rank);
+                c.saved
+                    .push(Saved::Own(r.proj.in_f * r.proj.out_f * cx.param_bytes()));
+                c.saved.push(Saved::Shared(inputs[0]));
+                c.grads
+                    .push(rank * (r.proj.in_f + r.proj.out_f) * ADAPTER_BYTES);
+                return (c, true);
             }
             (c, trains)
         }
@@ -442,64 +449,109 @@ fn attention(cx: &Ctx, a: &AttnSpec, v: T, out: T, c: &mut OpCost) {
     }
 }
 
-/// transformers 5 fused experts, tokens split evenly over the experts.
+/// transformers 5 fused experts under the default `grouped_mm` implementation
+/// (`integrations/moe.py` `grouped_mm_experts_forward`): the S = tokens·k routed rows are
+/// gathered and sorted by expert into single tensors, so each intermediate is one tensor of S
+/// rows whatever the routing. Llama 4 runs every token through every expert (S = tokens·E).
 fn experts(cx: &Ctx, e: &Experts, in_rg: bool) -> (OpCost, bool) {
     let mut c = OpCost::default();
     let t = cx.tokens;
     let dt = cx.dt;
     let a = dt.linear_out;
+    let pb = cx.param_bytes();
     let trains = cx.full;
     let (h, i) = (e.hidden, e.inter);
-    let copies = t * e.top_k;
-    let per_expert = |bytes_per_token: u128| -> Vec<Saved> {
-        split(copies, e.experts)
-            .into_iter()
-            .filter(|&n| n > 0)
-            .map(|n| Saved::Own(n * bytes_per_token))
-            .collect()
+    let rows = if e.dense_all {
+        t * e.experts
+    } else {
+        t * e.top_k
     };
-    // Per routed token: gate_up output (2i), activation output(s), product (i), down output (h),
-    // the index (8 B); the gathered input (h) and the product are saved for the weights'
-    // gradients only when the experts train.
+    let (gu_mult, down_wrapped, _) = super::resident::adapted_expert_params(cx.job);
     let act_own = match e.act {
         Act::Silu | Act::GeluTanh => 1,
         Act::ClampedSwiglu => 4,
     };
-    let mut per_token = a * (2 * i + act_own * i + h) + 8;
-    if trains {
-        per_token += dt.residual * h + a * i;
+    let weights_bytes = if e.fp32_weights { 4 } else { a };
+    // gate_up output (the activation's input and up's view), the activation's own outputs, the
+    // down output (saved by the routing-weight multiply; Llama 4: the repeated input), the
+    // routing weights and int64 indices.
+    let mut saved = vec![
+        rows * 2 * i * a,
+        rows * act_own * i * a,
+        rows * h * a,
+        rows * (8 + weights_bytes),
+    ];
+    // For the experts' weight gradients: the gathered input and the product.
+    if trains || gu_mult > 0 {
+        saved.push(rows * h * dt.residual);
     }
-    let saved = per_expert(per_token);
-    c.ckpt_transient = copies * per_token;
-    if in_rg || trains {
-        c.saved = saved;
+    if trains || down_wrapped {
+        saved.push(rows * i * a);
     }
-    let dequant =
-        if cx.job.quantize_experts && matches!(cx.job.weights, Precision::Nf4 | Precision::Int8) {
-            2 * i * h * dt.compute
-        } else {
-            0
-        };
-    c.fwd_transient = dequant;
-    // Backward of one expert: gradients of its output, product and gate_up output; with trained
-    // experts, `select_backward` materialises a zero gradient of the whole fused parameter for
-    // each expert before accumulating it.
-    let share = copies.div_ceil(e.experts.max(1));
-    c.bwd_transient = share * a * (3 * i + h)
-        + dequant
-        + if trains {
-            e.gate_up_params().max(e.down_params()) * cx.param_bytes()
-        } else {
-            0
-        };
-    if trains {
-        c.grads.push(e.gate_up_params() * cx.param_bytes());
-        c.grads.push(e.down_params() * cx.param_bytes());
-        if e.bias {
-            c.grads.push(e.bias_params() * cx.param_bytes());
+    // ParamWrapper (peft) materialises W + ΔW of each adapted fused parameter in its dtype every
+    // forward (`torch.baddbmm`); grouped_mm saves it for backward.
+    let wrapped = (if gu_mult > 0 { e.gate_up_params() } else { 0 })
+        + if down_wrapped { e.down_params() } else { 0 };
+    if wrapped > 0 {
+        saved.push(wrapped * pb);
+    }
+    // transformers 4.x layout (`--quantize-experts`): one Linear4bit + LoRA per expert, each
+    // saving its fp32 input copy (+ dropout mask) and lora_A's output for its routed rows.
+    if cx.job.quantize_experts {
+        if let Some(l) = cx.job.lora.as_ref().filter(|_| !cx.full) {
+            let copy = |w: u128| if l.dropout > 0.0 { 5 * w } else { 4 * w };
+            for (kind, w) in [
+                (crate::model::LinearKind::Gate, h),
+                (crate::model::LinearKind::Up, h),
+                (crate::model::LinearKind::Down, i),
+            ] {
+                if l.targets.contains(&kind) {
+                    saved.push(rows * (copy(w) + 4 * l.rank));
+                    c.grads.push(e.experts * l.rank * (h + i) * ADAPTER_BYTES);
+                }
+            }
         }
     }
-    (c, trains)
+    c.ckpt_transient = saved.iter().sum();
+    if in_rg || trains || wrapped > 0 {
+        c.saved = saved
+            .into_iter()
+            .filter(|&b| b > 0)
+            .map(Saved::Own)
+            .collect();
+    }
+    // Forward: the weighted outputs and their un-permuted gather (fp32 for fp32 routing
+    // weights), and with per-expert 4-bit layers one dequantized expert weight.
+    let quantized =
+        cx.job.quantize_experts && matches!(cx.job.weights, Precision::Nf4 | Precision::Int8);
+    let dequant = if quantized { i * h * dt.compute } else { 0 };
+    c.fwd_transient = 2 * rows * h * weights_bytes + dequant;
+    // Backward: gradients of the gate_up output, product and down output; the gradient of a
+    // materialised W + ΔW before it flows to the LoRA factors.
+    c.bwd_transient = rows * a * (3 * i + h)
+        + dequant
+        + (if gu_mult > 0 { e.gate_up_params() } else { 0 }).max(if down_wrapped {
+            e.down_params()
+        } else {
+            0
+        }) * pb;
+    if trains {
+        c.grads.push(e.gate_up_params() * pb);
+        c.grads.push(e.down_params() * pb);
+        if e.bias {
+            c.grads.push(e.bias_params() * pb);
+        }
+    }
+    let rank = cx.job.lora.as_ref().map_or(0, |l| l.rank);
+    if gu_mult > 0 {
+        c.grads
+            .push(gu_mult * rank * e.experts * (2 * i + h) * ADAPTER_BYTES);
+    }
+    if down_wrapped {
+        c.grads.push(rank * e.experts * (h + i) * ADAPTER_BYTES);
+    }
+    let adapted = wrapped > 0 || !c.grads.is_empty();
+    (c, trains || adapted)
 }
 
 /// `n` items split as evenly as possible into `k` parts.
