@@ -241,6 +241,17 @@ def _packed_cuda(position_ids):
     return None
 
 
+_ORIG_AUTOCAST = torch.autocast
+
+
+class _AutocastNoMeta(_ORIG_AUTOCAST):
+    """torch.autocast(device_type="meta") raises; peft's lora.ParamWrapper opens a *disabled*
+    autocast on its weight's device: the same no-op on CPU."""
+
+    def __init__(self, device_type, *args, **kwargs):
+        super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+
 @contextlib.contextmanager
 def cuda_choices():
     import transformers.masking_utils as mu
@@ -249,11 +260,13 @@ def cuda_choices():
     torch.nn.functional.scaled_dot_product_attention = _sdpa_cuda
     torch.nn.functional.dropout = _dropout_cuda
     mu.find_packed_sequence_indices = _packed_cuda
+    torch.autocast = _AutocastNoMeta
     try:
         yield
     finally:
         (torch.nn.functional.scaled_dot_product_attention, torch.nn.functional.dropout,
          mu.find_packed_sequence_indices) = saved
+        torch.autocast = _ORIG_AUTOCAST
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,7 +286,15 @@ def build_model(cfg_dict: dict, dtype, attn: str):
     from transformers import AutoModelForCausalLM
     config = load_config(cfg_dict)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+        except ValueError as e:
+            # e.g. gpt-oss: "does not support ... scaled_dot_product_attention": what a user gets
+            # after dropping attn_implementation is transformers' eager path
+            if attn != "sdpa" or "scaled_dot_product_attention" not in str(e):
+                raise
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                     attn_implementation="eager")
     if any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
         model.to(dtype)
     return model
@@ -342,10 +363,8 @@ def run_case(case: dict, cfg_dict: dict) -> dict:
                 kw["target_parameters"] = list(lc["target_parameters"])
             model = get_peft_model(model, LoraConfig(**kw))
             pc = model.peft_config["default"]
-            names = set()
-            for n, m in model.named_modules():
-                if hasattr(m, "lora_A") and len(getattr(m, "lora_A")) > 0:
-                    names.add(n.rsplit(".", 1)[-1])
+            # peft resolves "all-linear" to full module names: keep their last component
+            names = {str(n).rsplit(".", 1)[-1] for n in (pc.target_modules or [])}
             rec["lora_resolved"] = {
                 "target_modules": sorted(names),
                 "target_parameters": sorted(pc.target_parameters or []),
@@ -374,7 +393,12 @@ def run_case(case: dict, cfg_dict: dict) -> dict:
                 tracker.reset_peak()
                 with torch.no_grad():
                     cache = DynamicCache(config=model.config)
-                    out = model(input_ids=ids, use_cache=True, past_key_values=cache)
+                    # generate()'s prefill: logits for the last position only
+                    # (GenerationMixin sets logits_to_keep=1), then its fp32 copy of them
+                    out = model(input_ids=ids, use_cache=True, past_key_values=cache,
+                                logits_to_keep=1)
+                    next_logits = out.logits[:, -1, :].to(copy=True, dtype=torch.float32)
+                    del next_logits
                 phases["fwd"] = tracker.peak + WORKSPACE_BYTES
                 kv = 0
                 seen = set()
@@ -479,6 +503,16 @@ def validate(args):
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"rows": rows, "skipped": skipped, "versions": _versions()}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("| case | measured GiB | trace GiB | error | peak phase (trace) |\n")
+            f.write("|---|---:|---:|---:|---|\n")
+            for x in rows:
+                f.write(f"| {x['id'].replace('|', ' · ')} | {x['measured'] / GiB:.3f} | "
+                        f"{x['traced'] / GiB:.3f} | {x['err'] * 100:+.4f}% | {x['phase']} |\n")
+            f.write("\n| skipped case | why |\n|---|---|\n")
+            for cid, why in skipped:
+                f.write(f"| {cid.replace('|', ' · ')} | {why} |\n")
     return 0
 
 
@@ -488,10 +522,12 @@ def main(argv=None):
     v = sub.add_parser("validate", help="trace the traceable H200 ground-truth cases")
     v.add_argument("--groundtruth", help="folder holding h200-pytorch.jsonl")
     v.add_argument("--out", help="write the per-case figures as JSON")
+    v.add_argument("--markdown", help="write the per-case table as Markdown")
     g = sub.add_parser("generate", help="trace the reference grid into tests/data/reference")
     g.add_argument("--only", action="append", default=[])
     g.add_argument("--out", default=os.path.join(DATA, "traces.jsonl"))
     g.add_argument("--append", action="store_true")
+    g.add_argument("--verbose", action="store_true")
     o = sub.add_parser("one", help="trace one case")
     o.add_argument("--config", required=True)
     o.add_argument("--method", default="full", choices=["full", "lora", "inference"])
@@ -509,6 +545,7 @@ def main(argv=None):
         return validate(args)
     if args.cmd == "generate":
         import reference_grid
+        reference_grid.tr = sys.modules[__name__]
         return reference_grid.generate(args)
     cfg = json.load(open(args.config))
     case = dict(method=args.method, weights=args.weights, batch=args.batch, seq=args.seq,
