@@ -298,6 +298,7 @@ impl Builder {
             peft_moe_conversion: false,
             notes: Vec::new(),
             eager_only: None,
+            use_cache: true,
         }
     }
 }
@@ -314,6 +315,12 @@ fn head(tied: bool) -> Head {
 
 /// Builds the recipe of `model_type` from its config object.
 pub fn recipe(model_type: &str, f: &Fields) -> Result<Recipe, Error> {
+    let mut r = family(model_type, f)?;
+    r.use_cache = f.flag("use_cache", true)?;
+    Ok(r)
+}
+
+fn family(model_type: &str, f: &Fields) -> Result<Recipe, Error> {
     match model_type {
         "llama" | "mistral" | "qwen2" | "qwen3" | "granite" => llama_like(model_type, f),
         "phi3" => phi3(f),

@@ -338,6 +338,10 @@ pub struct Recipe {
     pub notes: Vec<String>,
     /// When transformers allows only eager attention for this model: the reason.
     pub eager_only: Option<String>,
+    /// `use_cache` of the config (transformers' default: true). A training forward without
+    /// gradient checkpointing then fills a `DynamicCache`, whose `torch.cat` hands the attention
+    /// copies of k and v.
+    pub use_cache: bool,
 }
 
 impl Recipe {

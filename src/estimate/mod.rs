@@ -426,11 +426,21 @@ fn backward_layer(
             }
             block = Some(b);
         }
-        t.transient(Category::Temporaries, op.bwd_transient);
+        let mut mine = saved.get_mut(i).map(std::mem::take).unwrap_or_default();
+        if op.bwd_stages.is_empty() {
+            t.transient(Category::Temporaries, op.bwd_transient);
+        } else {
+            for &(bytes, n) in &op.bwd_stages {
+                t.transient(Category::Temporaries, bytes);
+                for s in mine.split_off(mine.len().saturating_sub(n)) {
+                    t.release(s);
+                }
+            }
+        }
         if let Some(u) = upstream.take() {
             t.release(u);
         }
-        for s in saved.get_mut(i).map(std::mem::take).unwrap_or_default() {
+        for s in mine {
             t.release(s);
         }
         for &g in &op.grads {
