@@ -488,7 +488,7 @@ fn head_inventory(job: &Job, tokens: u128) -> LayerInventory {
 }
 
 /// Attention masks built once per forward (bytes each).
-fn mask_bytes(job: &Job) -> Vec<u128> {
+pub(crate) fn mask_bytes(job: &Job) -> Vec<u128> {
     use crate::arch::OpKind;
     let r = &job.model.recipe;
     let (mut causal, mut window) = (false, false);
