@@ -516,7 +516,7 @@ fn experts(cx: &Ctx, e: &Experts, in_rg: bool) -> (OpCost, bool) {
     } else {
         0
     };
-    let gate_up_stage = vec![
+    let gate_up_stage = [
         rows * 2 * i * a,
         rows * act_own * i * a,
         if trains || gu_mult > 0 {
