@@ -285,6 +285,10 @@ pub struct JobSettings {
     /// QLoRA with peft's prepare_model_for_kbit_training (fp32 non-quantized parameters).
     #[arg(long)]
     pub kbit_prep: bool,
+    /// PyTorch caching-allocator settings, as in PYTORCH_CUDA_ALLOC_CONF, e.g.
+    /// expandable_segments:True,max_split_size_mb:128.
+    #[arg(long)]
+    pub alloc_conf: Option<String>,
 }
 
 impl JobSettings {
@@ -318,6 +322,9 @@ impl JobSettings {
         job.grad_checkpointing = self.grad_checkpointing;
         job.attention = self.attention.parse::<Attention>()?;
         job.kbit_prep = self.kbit_prep;
+        if let Some(c) = &self.alloc_conf {
+            job.alloc_conf = c.parse()?;
+        }
         job.validate()?;
         Ok(job)
     }
