@@ -20,9 +20,18 @@ fn step_events(layers: u64, steps: u64) -> Vec<Event> {
         id
     };
     let weights: Vec<(u64, u64)> = (0..layers * 9)
-        .map(|i| (next_id(), [8, 2, 2, 8, 28, 28, 28, 1, 1][(i % 9) as usize] * MIB / 2))
+        .map(|i| {
+            (
+                next_id(),
+                [8, 2, 2, 8, 28, 28, 28, 1, 1][(i % 9) as usize] * MIB / 2,
+            )
+        })
         .collect();
-    events.extend(weights.iter().map(|&(id, bytes)| Event::Alloc { id, bytes }));
+    events.extend(
+        weights
+            .iter()
+            .map(|&(id, bytes)| Event::Alloc { id, bytes }),
+    );
     for _ in 0..steps {
         events.push(Event::Phase("fwd"));
         let mut saved = Vec::new();
@@ -34,7 +43,10 @@ fn step_events(layers: u64, steps: u64) -> Vec<Event> {
                 saved.push(s);
                 if k % 2 == 0 {
                     let t = next_id();
-                    events.push(Event::Alloc { id: t, bytes: bytes / 3 + 100 });
+                    events.push(Event::Alloc {
+                        id: t,
+                        bytes: bytes / 3 + 100,
+                    });
                     events.push(Event::Free { id: t });
                 }
             }
@@ -44,7 +56,10 @@ fn step_events(layers: u64, steps: u64) -> Vec<Event> {
         for chunk in saved.chunks(24).rev() {
             for &s in chunk.iter().rev() {
                 let t = next_id();
-                events.push(Event::Alloc { id: t, bytes: 5 * MIB + 4096 });
+                events.push(Event::Alloc {
+                    id: t,
+                    bytes: 5 * MIB + 4096,
+                });
                 events.push(Event::Free { id: s });
                 events.push(Event::Free { id: t });
             }

@@ -69,7 +69,9 @@ impl AllocConf {
     /// clamped to 0..=15.
     pub fn divisions_for(&self, size: u64) -> u64 {
         let log_size = 63 - u64::from(size.max(1).leading_zeros());
-        let index = log_size.saturating_sub(20).min(ROUNDUP_INTERVALS as u64 - 1);
+        let index = log_size
+            .saturating_sub(20)
+            .min(ROUNDUP_INTERVALS as u64 - 1);
         self.roundup_power2_divisions[index as usize]
     }
 }
@@ -263,7 +265,9 @@ impl FromStr for AllocConf {
                     }
                 }
                 // Locking and pinned host memory: no effect on device blocks.
-                "release_lock_on_cudamalloc" | "pinned_use_cuda_host_register" | "pinned_use_background_threads" => {
+                "release_lock_on_cudamalloc"
+                | "pinned_use_cuda_host_register"
+                | "pinned_use_background_threads" => {
                     const E: &str = "True or False";
                     parse_bool(t.value(E)?, E)?;
                 }
@@ -296,7 +300,9 @@ mod tests {
 
     #[test]
     fn the_documented_example_parses() {
-        let c: AllocConf = "expandable_segments:True, max_split_size_mb:128".parse().unwrap();
+        let c: AllocConf = "expandable_segments:True, max_split_size_mb:128"
+            .parse()
+            .unwrap();
         assert!(c.expandable_segments);
         assert_eq!(c.max_split_size, Some(128 << 20));
         assert_eq!(c.max_non_split_rounding, 20 << 20);
@@ -311,7 +317,9 @@ mod tests {
     fn roundup_table_fills_like_pytorch() {
         // [256:1,512:2,>:8]: 256 MiB is interval log2(256) = 8; the first entry also fills 0..8,
         // 512 → index 9, '>' fills from the last index (9) on.
-        let c: AllocConf = "roundup_power2_divisions:[256:1,512:2,>:8]".parse().unwrap();
+        let c: AllocConf = "roundup_power2_divisions:[256:1,512:2,>:8]"
+            .parse()
+            .unwrap();
         let mut want = [1; ROUNDUP_INTERVALS];
         want[9..].fill(8);
         assert_eq!(c.roundup_power2_divisions, want);
@@ -335,7 +343,10 @@ mod tests {
             "expandable_segments:True max_split_size_mb:128",
         ] {
             let e = bad.parse::<AllocConf>().unwrap_err().to_string();
-            assert!(e.contains("--alloc-conf") && !e.contains('\n'), "{bad}: {e}");
+            assert!(
+                e.contains("--alloc-conf") && !e.contains('\n'),
+                "{bad}: {e}"
+            );
         }
     }
 }

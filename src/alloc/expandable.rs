@@ -101,8 +101,12 @@ impl Allocator {
     }
 
     fn segment(&self, id: BlockId) -> &ExpandableSegment {
-        let seg = self.blocks[id].expandable.expect("block of an expandable segment");
-        self.expandable[seg].as_ref().expect("live expandable segment")
+        let seg = self.blocks[id]
+            .expandable
+            .expect("block of an expandable segment");
+        self.expandable[seg]
+            .as_ref()
+            .expect("live expandable segment")
     }
 
     /// `map_block`: back the first `size` bytes of the unmapped block `to_map` with whole pages
@@ -209,7 +213,9 @@ impl Allocator {
         self.try_merge(id, prev);
         self.try_merge(id, next);
         let blk = &self.blocks[id];
-        self.pools[blk.pool as usize].unmapped.insert((blk.addr, id));
+        self.pools[blk.pool as usize]
+            .unmapped
+            .insert((blk.addr, id));
         self.reserved -= end - begin;
     }
 
@@ -234,7 +240,10 @@ mod tests {
     use crate::alloc::state::Allocator;
 
     fn expandable(capacity: Option<u64>) -> Allocator {
-        Allocator::new("expandable_segments:True".parse::<AllocConf>().unwrap(), capacity)
+        Allocator::new(
+            "expandable_segments:True".parse::<AllocConf>().unwrap(),
+            capacity,
+        )
     }
 
     #[test]

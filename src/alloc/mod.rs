@@ -257,7 +257,10 @@ mod tests {
     fn small_requests_share_a_2_mib_segment() {
         // 1000 B → 1024 B block; 3000 → 3072; both from one 2 MiB small segment.
         let r = run(&[alloc(1, 1000), alloc(2, 3000)]);
-        assert_eq!((r.peak_allocated, r.peak_reserved, r.num_segments), (4096, 2 * MIB, 1));
+        assert_eq!(
+            (r.peak_allocated, r.peak_reserved, r.num_segments),
+            (4096, 2 * MIB, 1)
+        );
     }
 
     #[test]
@@ -293,7 +296,13 @@ mod tests {
         // Cached 40 MiB and 30 MiB segments (live 10 MiB keeps the second from merging — each
         // is its own segment anyway). A 25 MiB request takes the 30 MiB block (split: 5 MiB
         // rest > 1 MiB), leaving the 40 MiB block whole.
-        let r = run(&[alloc(1, 40 * MIB), alloc(2, 30 * MIB), free(1), free(2), alloc(3, 25 * MIB)]);
+        let r = run(&[
+            alloc(1, 40 * MIB),
+            alloc(2, 30 * MIB),
+            free(1),
+            free(2),
+            alloc(3, 25 * MIB),
+        ]);
         assert_eq!((r.final_allocated, r.final_reserved), (25 * MIB, 70 * MIB));
         // Then 40 MiB fits the cached 40 MiB segment exactly: no new segment.
         let r = run(&[
@@ -331,7 +340,10 @@ mod tests {
         let r = sim(&[alloc(1, 120 * MIB), free(1), alloc(2, 50 * MIB)]);
         assert_eq!(r.final_reserved, 170 * MIB);
         let r = sim(&[alloc(1, 120 * MIB), free(1), alloc(2, 110 * MIB)]);
-        assert_eq!((r.final_reserved, r.final_allocated), (120 * MIB, 120 * MIB));
+        assert_eq!(
+            (r.final_reserved, r.final_allocated),
+            (120 * MIB, 120 * MIB)
+        );
         let r = sim(&[alloc(1, 130 * MIB), free(1), alloc(2, 110 * MIB)]);
         assert_eq!(r.final_reserved, 240 * MIB);
         // Without max_split_size the 120 MiB block is split for 50 MiB: no new segment.
@@ -355,7 +367,10 @@ mod tests {
             .map(|p| (p.name, p.peak_allocated / MIB, p.peak_reserved / MIB))
             .collect();
         // bwd1 reuses the cached 30 MiB segment (split 10 + 20): reserved stays 30 throughout.
-        assert_eq!(p, vec![("fwd1", 30, 30), ("bwd1", 10, 30), ("opt1", 10, 30)]);
+        assert_eq!(
+            p,
+            vec![("fwd1", 30, 30), ("bwd1", 10, 30), ("opt1", 10, 30)]
+        );
         assert_eq!(r.step_peaks(1), Some((30 * MIB, 30 * MIB)));
         assert_eq!(r.step_peaks(2), None);
     }
@@ -373,10 +388,16 @@ mod tests {
         let r = simulate(&evs, &AllocConf::default(), Some(64 * MIB)).unwrap();
         // 40 + 30 = 70 > 64 → out of memory at event 4; the tightest margin before was 4 MiB.
         let oom = r.oom.unwrap();
-        assert_eq!((oom.event, oom.reserved, oom.alloc_size), (4, 40 * MIB, 30 * MIB));
+        assert_eq!(
+            (oom.event, oom.reserved, oom.alloc_size),
+            (4, 40 * MIB, 30 * MIB)
+        );
         assert_eq!(r.min_headroom, Some(0));
         let r = simulate(&evs[..4], &AllocConf::default(), Some(64 * MIB)).unwrap();
-        assert_eq!((r.min_headroom, r.final_reserved), (Some(4 * MIB), 40 * MIB));
+        assert_eq!(
+            (r.min_headroom, r.final_reserved),
+            (Some(4 * MIB), 40 * MIB)
+        );
     }
 
     #[test]
@@ -394,7 +415,9 @@ mod tests {
     fn churn(n: u64) -> Vec<Event> {
         let mut x = 12345u64;
         let mut next = || {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             x >> 33
         };
         let mut events = Vec::new();
@@ -418,11 +441,23 @@ mod tests {
     fn everything_freed_and_emptied_returns_to_zero() {
         // Whatever the interleaving, once every tensor is freed all blocks merge back into
         // whole segments, and empty_cache gives every byte back.
-        for conf in ["", "expandable_segments:True", "max_split_size_mb:32", "roundup_power2_divisions:4"] {
+        for conf in [
+            "",
+            "expandable_segments:True",
+            "max_split_size_mb:32",
+            "roundup_power2_divisions:4",
+        ] {
             let c: AllocConf = conf.parse().unwrap();
             let r = simulate(&churn(3000), &c, None).unwrap();
-            assert_eq!((r.final_allocated, r.final_reserved, r.num_segments), (0, 0, 0), "{conf}");
-            assert!(r.peak_reserved >= r.peak_allocated && r.peak_allocated > 0, "{conf}");
+            assert_eq!(
+                (r.final_allocated, r.final_reserved, r.num_segments),
+                (0, 0, 0),
+                "{conf}"
+            );
+            assert!(
+                r.peak_reserved >= r.peak_allocated && r.peak_allocated > 0,
+                "{conf}"
+            );
         }
     }
 }

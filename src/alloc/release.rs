@@ -160,7 +160,10 @@ mod tests {
         a.free(x);
         assert_eq!(a.reserved, 80 * MIB);
         a.malloc(50 * MIB).unwrap();
-        assert_eq!((a.reserved, a.allocated, a.alloc_retries), (90 * MIB, 90 * MIB, 1));
+        assert_eq!(
+            (a.reserved, a.allocated, a.alloc_retries),
+            (90 * MIB, 90 * MIB, 1)
+        );
         // 20 MiB more: 110 > 100 even after the flush (nothing cached) → out of memory, and
         // PyTorch's message names the segment size (20 MiB).
         assert_eq!(a.malloc(20 * MIB).unwrap_err().alloc_size, 20 * MIB);

@@ -222,7 +222,8 @@ impl Allocator {
             return None;
         }
         // Allow an oversized block to be rounded up, but only within max_non_split_rounding.
-        if size >= max_split && size
+        if size >= max_split
+            && size
                 .checked_add(self.conf.max_non_split_rounding)
                 .is_some_and(|limit| found_size >= limit)
         {
