@@ -483,7 +483,7 @@ fn full_bf16_llama_reserved_against_the_h200() {
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let mut worst_alloc: f64 = 0.0;
     let mut reserved_errors = Vec::new();
-    println!("case | alloc meas / sim GiB | reserved meas / sim GiB (err)");
+    println!("case | alloc meas / sim GiB | reserved meas / sim GiB (err) | reserved per step meas / sim");
     for (id, [a1, a2, r1, r2]) in measured() {
         let f: Vec<&str> = id.split('|').collect();
         let m = match f[0] {
@@ -503,17 +503,22 @@ fn full_bf16_llama_reserved_against_the_h200() {
         };
         let r = simulate(&case.events(), &AllocConf::default(), None).unwrap();
         let (sa, sr) = r.groundtruth_peaks().unwrap();
+        let step = |n: u32| r.step_peaks(n).map_or(0.0, |(_, res)| gib(res));
         let (ma, mr) = (a1.max(a2), r1.max(r2));
         let ea = (sa as f64 / ma as f64 - 1.0) * 100.0;
         let er = (sr as f64 / mr as f64 - 1.0) * 100.0;
         worst_alloc = worst_alloc.max(ea.abs());
         reserved_errors.push(er.abs());
         println!(
-            "{id} | {:.2} / {:.2} ({ea:+.2}%) | {:.2} / {:.2} ({er:+.2}%)",
+            "{id} | {:.2} / {:.2} ({ea:+.2}%) | {:.2} / {:.2} ({er:+.2}%) | steps 1, 2: {:.2}, {:.2} / {:.2}, {:.2}",
             gib(ma),
             gib(sa),
             gib(mr),
-            gib(sr)
+            gib(sr),
+            gib(r1),
+            gib(r2),
+            step(1),
+            step(2)
         );
     }
     // The hand-built stream must first reproduce the allocated peaks (it is the op inventory

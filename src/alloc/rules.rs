@@ -84,6 +84,7 @@ pub fn round_size(size: u64, conf: &AllocConf) -> u64 {
     }
 }
 
+// ANCHOR: segment_rules
 /// `get_allocation_size`: the segment cudaMalloc'ed when no cached block fits.
 pub fn get_allocation_size(rounded: u64) -> u64 {
     if rounded <= K_SMALL_SIZE {
@@ -107,6 +108,7 @@ pub fn should_split(pool: PoolKind, block_size: u64, rounded: u64, conf: &AllocC
         rounded < conf.max_split() && remaining > K_SMALL_SIZE
     }
 }
+// ANCHOR_END: segment_rules
 
 #[cfg(test)]
 mod tests {
