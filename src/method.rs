@@ -6,6 +6,7 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
+use crate::alloc::AllocConf;
 use crate::dtype::Precision;
 use crate::error::Error;
 use crate::estimate::sharding::Sharding;
@@ -101,6 +102,9 @@ pub struct Job {
     /// Data-parallel sharding (ZeRO / FSDP); `None` is one GPU.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sharding: Option<Sharding>,
+    /// PyTorch caching-allocator settings (`PYTORCH_CUDA_ALLOC_CONF`, `--alloc-conf`).
+    #[serde(skip_serializing_if = "AllocConf::is_default")]
+    pub alloc_conf: AllocConf,
 }
 
 impl Job {
@@ -137,6 +141,7 @@ impl Job {
             quantize_experts: false,
             runtime: Runtime::Pytorch,
             sharding: None,
+            alloc_conf: AllocConf::default(),
         }
     }
 
