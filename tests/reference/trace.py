@@ -283,8 +283,14 @@ def load_config(cfg: dict):
 
 
 def build_model(cfg_dict: dict, dtype, attn: str):
-    from transformers import AutoModelForCausalLM
+    """AutoModelForCausalLM's class; for a config with a vision tower (Gemma 3, Llama 4) the
+    multimodal wrapper (AutoModelForImageTextToText), so the vision weights are resident as in
+    the published checkpoint (AutoModelForCausalLM already picks it for gemma3, and the
+    text-only Llama4ForCausalLM for llama4)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     config = load_config(cfg_dict)
+    if "vision_config" in cfg_dict:
+        AutoModelForCausalLM = AutoModelForImageTextToText  # noqa: N806
     with torch.device("meta"):
         try:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
