@@ -22,7 +22,7 @@ const STRICT: bool = false;
 const KNOWN_GAPS: &[(&[&str], &str)] = &[
     (
         &["|inference|", "|eager"],
-        "eager prefill: scores, mask sum, fp32 softmax and its bf16 copy live together",
+        "eager prefill: masked bf16 scores, their fp32 copy and the fp32 softmax live together",
     ),
     (
         &["-sw512|"],
