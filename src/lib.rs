@@ -28,6 +28,6 @@ pub mod units;
 pub use dtype::Precision;
 pub use error::Error;
 pub use estimate::{estimate, Component, Estimate};
-pub use method::{Attention, Job, LoraSettings, Method, Optimizer};
+pub use method::{Attention, Job, LoraSettings, Loss, Method, Optimizer};
 pub use model::{resolve_model, ModelShape};
 pub use units::Bytes;

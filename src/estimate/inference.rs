@@ -49,6 +49,7 @@ pub(super) fn walk(job: &Job, t: &mut Timeline) -> StepExplain {
         logits: format!("last position only: batch × vocab × ({c} + 4) B = {logits} B"),
         temporaries: format!("residual stream and layer output: 2 × {tokens} × {} × {c} B", m.hidden),
         largest_block: logits.max(mlp / 4).max(attn),
+        host_bytes: 0,
         kv_cache: format!(
             "2 × {} layers × {} kv heads × {} head_dim × {tokens} tokens × {c} B = {kv} B",
             m.layers, m.kv_heads, m.head_dim

@@ -84,6 +84,8 @@ pub struct Estimate {
     pub runtime: RuntimeProfile,
     /// CPU RAM per node for offloaded state (DeepSpeed offload / FSDP CPUOffload); 0 without.
     pub cpu_offload_bytes: Bytes,
+    /// Host RAM per GPU for offloaded activations (`--activation-offload`); 0 without.
+    pub host_bytes: Bytes,
     /// The data-parallel layout, when the job is sharded; all byte figures above are per GPU.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sharding: Option<ShardingSummary>,
@@ -145,6 +147,8 @@ struct StepExplain {
     kv_cache: String,
     /// The largest single transient buffer (sets the allocator reserve).
     largest_block: u128,
+    /// Host RAM holding offloaded activations (`--activation-offload`).
+    host_bytes: u128,
 }
 
 fn train_step(job: &Job, sh: &PerGpu, t: &mut Timeline) -> StepExplain {
@@ -152,10 +156,37 @@ fn train_step(job: &Job, sh: &PerGpu, t: &mut Timeline) -> StepExplain {
     let tokens = job.tokens();
     let dt = Dtypes::of(job);
     let layer = layer_profile(job, tokens);
-    let lg = logits::logits(&dt, tokens, m.vocab);
     let full = job.method == Method::Full;
     let counts = m.param_counts();
     let param_bytes = resident::dense_param_bytes(job);
+    // HOOK(configs, loss): the loss's buffers come from logits::loss_walk (ce | chunked-nll |
+    // liger | cce); `ce` replays exactly the former logits events.
+    let lw = logits::loss_walk(
+        &dt,
+        &logits::LossInput {
+            tokens,
+            batch: job.batch,
+            vocab: m.vocab,
+            hidden: m.hidden,
+            head_trains: full,
+            head_weight_bytes: param_bytes,
+            supervised_fraction: job.supervised_fraction,
+        },
+        job.loss,
+    );
+    let loss_events = |t: &mut Timeline, evs: &[logits::LossEvent]| {
+        for e in evs {
+            match *e {
+                logits::LossEvent::Alloc(b) => t.alloc(Category::Logits, b),
+                logits::LossEvent::Free(b) => t.free(Category::Logits, b),
+                logits::LossEvent::Spike(b) => t.spike(Category::Logits, b),
+            }
+        }
+    };
+    // HOOK(configs, activation offload): what each layer keeps leaves the GPU after its forward
+    // and comes back just before its backward; `host` counts what is held in host RAM.
+    let offload = job.activation_offload;
+    let mut host: u128 = 0;
 
     // Final norm + lm_head input (saved when lm_head trains; a 16-bit copy under autocast).
     let lm_head_input = if full {
@@ -215,13 +246,15 @@ fn train_step(job: &Job, sh: &PerGpu, t: &mut Timeline) -> StepExplain {
         } else {
             kept_per_layer
         };
-        t.alloc(Category::Activations, kept);
+        if offload {
+            t.spike(Category::Activations, kept);
+            host += kept;
+        } else {
+            t.alloc(Category::Activations, kept);
+        }
     }
     t.alloc(Category::Activations, head_saved);
-    t.alloc(Category::Logits, lg.raw);
-    t.alloc(Category::Logits, lg.upcast);
-    t.alloc(Category::Logits, lg.log_softmax);
-    t.free(Category::Logits, lg.raw + lg.upcast);
+    loss_events(t, &lw.forward);
     if !job.grad_checkpointing {
         t.free(Category::Temporaries, mask);
     }
@@ -231,23 +264,28 @@ fn train_step(job: &Job, sh: &PerGpu, t: &mut Timeline) -> StepExplain {
     if sh.bucket > 0 {
         t.alloc(Category::CommBuckets, sh.bucket);
     }
-    t.alloc(Category::Logits, 2 * lg.grad_fp32);
-    t.free(Category::Logits, lg.grad_fp32 + lg.log_softmax);
-    t.alloc(Category::Logits, lg.grad_raw);
-    t.free(Category::Logits, lg.grad_fp32);
+    loss_events(t, &lw.backward);
     // lm_head backward: input gradient, and the weight gradient when it trains.
     let hidden_grad = tokens * dt.residual * m.hidden;
     t.alloc(Category::Temporaries, hidden_grad);
     if full {
         grad(t, m.vocab * m.hidden * param_bytes);
     }
-    t.free(Category::Logits, lg.grad_raw);
+    loss_events(t, &lw.after_head);
     t.free(Category::Activations, head_saved);
     if full {
         grad(t, m.hidden * param_bytes); // final norm
     }
     for l in (0..m.layers).rev() {
         let this = if l == 0 { &first } else { &layer };
+        if offload {
+            let kept = if job.grad_checkpointing {
+                this.input
+            } else {
+                this.saved()
+            };
+            t.alloc(Category::Activations, kept);
+        }
         if job.grad_checkpointing {
             t.spike(Category::Temporaries, this.fwd_transient);
             t.alloc(Category::Activations, this.saved());
@@ -291,12 +329,7 @@ fn train_step(job: &Job, sh: &PerGpu, t: &mut Timeline) -> StepExplain {
 
     StepExplain {
         activations: explain_activations(job, &layer, head_saved),
-        logits: format!(
-            "{tokens} tokens × vocab {} = {} logits: {}-bit logits + fp32 upcast + fp32 log-softmax (saved) in the forward; 2 fp32 gradients beside the saved log-softmax in the backward (transformers ForCausalLMLoss; 12 B/logit at the backward spike)",
-            m.vocab,
-            tokens * m.vocab,
-            dt.logits * 8
-        ),
+        logits: lw.explain.clone(),
         temporaries: format!(
             "per-layer forward transients {} B, backward gradient buffers {} B (MLP) / {} B (attention){}; optimizer step {} B",
             layer.fwd_transient,
@@ -306,9 +339,9 @@ fn train_step(job: &Job, sh: &PerGpu, t: &mut Timeline) -> StepExplain {
             sh.optimizer_step_temp
         ),
         kv_cache: String::new(),
+        host_bytes: host,
         largest_block: [
-            lg.grad_fp32,
-            lg.raw,
+            lw.largest_block,
             tokens * m.intermediate * dt.linear_out,
             if job.attention == crate::method::Attention::Eager {
                 job.batch * m.heads * job.seq * job.seq * 4
@@ -540,6 +573,7 @@ fn finish(
         cpu_offload_bytes: Bytes(
             sh.cpu_offload * job.sharding.as_ref().map_or(1, |s| s.gpus_per_node()),
         ),
+        host_bytes: Bytes(step.host_bytes),
         sharding: job.sharding.as_ref().map(|s| ShardingSummary {
             engine: s.engine.to_string(),
             gpus: s.gpus,
