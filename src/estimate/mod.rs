@@ -17,6 +17,7 @@
 
 pub mod activations;
 mod inference;
+mod liger;
 pub mod logits;
 pub mod resident;
 pub mod runtime;
@@ -155,7 +156,10 @@ fn train_step(job: &Job, sh: &PerGpu, t: &mut Timeline) -> StepExplain {
     let m = &job.model;
     let tokens = job.tokens();
     let dt = Dtypes::of(job);
-    let layer = layer_profile(job, tokens);
+    let pytorch_layer = layer_profile(job, tokens);
+    // HOOK(configs, liger kernels): Liger's RMSNorm/SwiGLU save less (liger.rs); identity
+    // without --liger-kernels.
+    let layer = liger::apply(job, &pytorch_layer, tokens, [true, true]);
     let full = job.method == Method::Full;
     let counts = m.param_counts();
     let param_bytes = resident::dense_param_bytes(job);
@@ -238,7 +242,18 @@ fn train_step(job: &Job, sh: &PerGpu, t: &mut Timeline) -> StepExplain {
         layer.saved()
     };
     // The first layer saves less when the embedding output needs no gradient (frozen base).
-    let first = first_layer(job, &layer, tokens);
+    let first = {
+        let f = first_layer(job, &pytorch_layer, tokens);
+        // Which of the first layer's norms still save (first_layer drops them on a frozen base).
+        let norms = if f == pytorch_layer {
+            [true, true]
+        } else if f.attn_saved == 0 {
+            [false, false]
+        } else {
+            [false, true]
+        };
+        liger::apply(job, &f, tokens, norms)
+    };
     for l in 0..m.layers {
         t.spike(Category::Temporaries, layer.fwd_transient);
         let kept = if l == 0 && !job.grad_checkpointing {
