@@ -47,6 +47,14 @@ pub enum Error {
     #[error("{0}")]
     Unsupported(String),
 
+    /// A training-framework job file (`--from`) with a key memplan cannot use.
+    #[error("{path}: `{key}` {problem}")]
+    JobFile {
+        path: PathBuf,
+        key: String,
+        problem: String,
+    },
+
     #[error("invalid preset file {path}: {message}")]
     Preset { path: String, message: String },
 }
