@@ -17,6 +17,7 @@ pub mod dtype;
 pub mod error;
 pub mod estimate;
 pub mod gpu;
+pub mod hub;
 pub mod jobfile;
 pub mod method;
 pub mod model;

@@ -49,19 +49,20 @@ pub(crate) fn resolve(r: &Reader, out: &mut Resolved) -> Result<(), Error> {
     let four = r.bool("load_in_4bit")?.unwrap_or(false);
     let eight = r.bool("load_in_8bit")?.unwrap_or(false);
     let adapter = r.str("adapter")?;
-    let method =
-        match adapter {
-            None => Method::Full,
-            Some("qlora") => Method::Qlora,
-            Some("lora") if four => Method::Qlora,
-            Some("lora") => Method::Lora,
-            Some(other) => return Err(r.error(
+    let method = match adapter {
+        None => Method::Full,
+        Some("qlora") => Method::Qlora,
+        Some("lora") if four => Method::Qlora,
+        Some("lora") => Method::Lora,
+        Some(other) => {
+            return Err(r.error(
                 "adapter",
                 format!(
                     "is '{other}'; memplan models lora and qlora (or no adapter: full fine-tuning)"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     let method_source = match adapter {
         Some(_) => Source::Key(r.name("adapter")),
         None => Source::Default(format!(
@@ -129,6 +130,14 @@ pub(crate) fn resolve(r: &Reader, out: &mut Resolved) -> Result<(), Error> {
             dtype_source.clone()
         };
         out.put("weights", |s| &mut s.weights, weights, src);
+    }
+    if method == Method::Qlora {
+        out.put(
+            "weights",
+            |s| &mut s.weights,
+            Precision::Nf4,
+            Source::Key(r.name("load_in_4bit")),
+        );
     }
     out.put("compute", |s| &mut s.compute, dtype, dtype_source);
 

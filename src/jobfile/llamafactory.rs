@@ -206,6 +206,12 @@ pub(crate) fn resolve_classic(r: &Reader, out: &mut Resolved) -> Result<(), Erro
             );
         }
         Method::Qlora => {
+            out.put(
+                "weights",
+                |s| &mut s.weights,
+                Precision::Nf4,
+                Source::Key(r.name("quantization_bit")),
+            );
             out.put("compute", |s| &mut s.compute, compute, csrc);
         }
         _ => {
@@ -496,6 +502,12 @@ pub(crate) fn resolve_v1(r: &Reader, out: &mut Resolved) -> Result<(), Error> {
         Method::Qlora => {
             // quantization.py BnbParams: compute_dtype float16, double_quantization true.
             let q = quant.as_ref().expect("qlora has a quant_config");
+            out.put(
+                "weights",
+                |s| &mut s.weights,
+                Precision::Nf4,
+                Source::Key(q.name("quantization_bit")),
+            );
             let cd = q.str("compute_dtype")?;
             let compute = match cd {
                 None => Precision::Fp16,

@@ -96,7 +96,14 @@ pub(crate) fn resolve(r: &Reader, out: &mut Resolved) -> Result<(), Error> {
     let dsrc = dtype.map_or(Source::Default(format!("bf16 ({TT} recipes)")), |_| {
         Source::Key(r.name("dtype"))
     });
-    if method != Method::Qlora {
+    if method == Method::Qlora {
+        out.put(
+            "weights",
+            |s| &mut s.weights,
+            Precision::Nf4,
+            Source::Key(model.name("_component_")),
+        );
+    } else {
         out.put("weights", |s| &mut s.weights, dt, dsrc.clone());
     }
     out.put("compute", |s| &mut s.compute, dt, dsrc);

@@ -216,6 +216,16 @@ pub(crate) fn resolve(r: &Reader, out: &mut Resolved) -> Result<(), Error> {
             // get_quantization_config: bnb_4bit_compute_dtype = dtype; the other parameters
             // (norms, embeddings, lm_head) load in dtype: fp32 by default, which is what
             // memplan's kbit-prep models.
+            out.put(
+                "weights",
+                |s| &mut s.weights,
+                Precision::Nf4,
+                Source::Key(if r.has("load_in_4bit") {
+                    r.name("load_in_4bit")
+                } else {
+                    "quantization_config.load_in_4bit".into()
+                }),
+            );
             out.put("compute", |s| &mut s.compute, compute, csrc);
             out.put(
                 "kbit_prep",
