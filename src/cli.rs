@@ -424,11 +424,10 @@ impl JobSettings {
                 }
                 job.weights = memplan::Precision::Int8;
             }
-            Some(CheckpointQuant::DequantizedBf16 { .. }) => {
-                if method != Method::Qlora {
-                    job.weights = memplan::Precision::Bf16;
-                }
+            Some(CheckpointQuant::DequantizedBf16 { .. }) if method != Method::Qlora => {
+                job.weights = memplan::Precision::Bf16;
             }
+            Some(CheckpointQuant::DequantizedBf16 { .. }) => {}
         }
         if let Some(w) = &self.weights {
             job.weights = w.parse().context("--weights")?;
