@@ -175,6 +175,8 @@ fn train_step(job: &Job, sh: &PerGpu, t: &mut Timeline) -> StepExplain {
             head_trains: full,
             head_weight_bytes: param_bytes,
             supervised_fraction: job.supervised_fraction,
+            // The Trainer's bf16/fp16 mixed precision runs the model under autocast.
+            autocast: dt.compute < 4,
         },
         job.loss,
     );
