@@ -345,7 +345,21 @@ fn train_step(job: &Job, sh: &PerGpu, t: &mut Timeline) -> StepExplain {
     t.free(Category::Gradients, t.live(Category::Gradients));
 
     StepExplain {
-        activations: explain_activations(job, &layer, head_saved),
+        // HOOK(configs): what the offload and Liger switches changed.
+        activations: format!(
+            "{}{}{}",
+            explain_activations(job, &layer, head_saved),
+            if offload {
+                format!("; offloaded to host RAM after each layer's forward and brought back for its backward: {host} B on the host (TRL activation_offloading / axolotl offloaded checkpointing; their in-flight copies, e.g. TRL's max_fwd_stash_size 5 tensors, are not counted: expect up to a few layers' worth more)")
+            } else {
+                String::new()
+            },
+            if job.liger_kernels {
+                "; Liger RMSNorm saves its input and fp32 rstd, Liger SwiGLU its two inputs (Liger-Kernel 0.8.2; Triton, derived from source)"
+            } else {
+                ""
+            }
+        ),
         logits: lw.explain.clone(),
         temporaries: format!(
             "per-layer forward transients {} B, backward gradient buffers {} B (MLP) / {} B (attention){}; optimizer step {} B",
