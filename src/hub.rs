@@ -64,10 +64,12 @@ pub fn cached_snapshot(repo_id: &str) -> Result<Option<PathBuf>, Error> {
         return Ok(None);
     }
     let refs = repo.join("refs").join("main");
-    let hash = std::fs::read_to_string(&refs).map_err(|source| Error::Io {
-        path: refs.clone(),
-        source,
-    })?;
+    let Ok(hash) = std::fs::read_to_string(&refs) else {
+        return Err(Error::Unsupported(format!(
+            "{repo_id} is in the Hugging Face cache ({}) but has no refs/main naming its snapshot (downloaded at another revision?); pass the snapshot folder as --model instead",
+            repo.display()
+        )));
+    };
     let snap = repo.join("snapshots").join(hash.trim());
     if !snap.is_dir() {
         return Err(Error::Unsupported(format!(
