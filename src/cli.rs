@@ -324,7 +324,7 @@ pub struct JobSettings {
     /// Turn activation checkpointing off (e.g. over a --from file that turns it on).
     #[arg(long)]
     pub no_grad_checkpointing: bool,
-    /// sdpa, eager or flash [default: sdpa].
+    /// sdpa, eager or flash [default: sdpa; eager for models transformers runs eager-only].
     #[arg(long)]
     pub attention: Option<String>,
     /// QLoRA with peft's prepare_model_for_kbit_training (fp32 non-quantized parameters).
@@ -347,6 +347,10 @@ pub struct JobSettings {
     /// Liger's RMSNorm, SwiGLU and RoPE kernels in the decoder layers.
     #[arg(long)]
     pub liger_kernels: bool,
+    /// MoE under QLoRA: quantize the fused experts one expert at a time (as transformers 4.x and
+    /// some trainers do); by default transformers 5 + bitsandbytes keep them in 16 bit.
+    #[arg(long)]
+    pub quantize_experts: bool,
 }
 
 impl JobSettings {
@@ -403,7 +407,7 @@ impl JobSettings {
             // The file's precisions belong to its own method.
             file_settings.weights = None;
         }
-        memplan::jobfile::apply(&mut job, &file_settings);
+        memplan::jobfile::apply(&mut job, &file_settings)?;
         match &quant {
             None => {}
             Some(CheckpointQuant::Bnb4bit {
@@ -549,6 +553,14 @@ impl JobSettings {
                 *slot = true;
                 flag(setting, "true".into(), name.into());
             }
+        }
+        if self.quantize_experts {
+            job.quantize_experts = true;
+            flag(
+                "quantize_experts",
+                "true".into(),
+                "--quantize-experts".into(),
+            );
         }
         job.validate()?;
         if let Some(f) = file.as_mut() {
@@ -778,7 +790,7 @@ pub struct FitArgs {
     /// Sequence length the micro-batch search runs at [default: 2048, or the --from file's].
     #[arg(long)]
     pub seq: Option<u64>,
-    /// sdpa, eager or flash [default: sdpa].
+    /// sdpa, eager or flash [default: sdpa; eager for models transformers runs eager-only].
     #[arg(long)]
     pub attention: Option<String>,
     /// LoRA rank of the LoRA/QLoRA plans [default: 16].
@@ -817,7 +829,7 @@ impl FitArgs {
             let mut s = f.settings.clone();
             (s.method, s.optimizer, s.batch, s.grad_checkpointing) = (None, None, None, None);
             (s.weights, s.kbit_prep) = (None, None);
-            memplan::jobfile::apply(&mut job, &s);
+            memplan::jobfile::apply(&mut job, &s)?;
         }
         if let Some(l) = job.lora.as_mut() {
             if let Some(r) = self.rank {
@@ -1019,7 +1031,11 @@ impl ProbeArgs {
             rank: self.rank,
             alpha: self.alpha,
             dropout: self.lora_dropout,
-            targets: parse_targets(&self.lora_targets)?,
+            // The probe's decoder is a dense Llama layer: all-linear reaches its seven projections.
+            targets: parse_targets(&self.lora_targets)?
+                .into_iter()
+                .filter(|k| memplan::method::dense_all_linear().contains(k))
+                .collect(),
             double_quant: !self.no_double_quant,
             nf4: !self.fp32_base,
             batch: pick(self.batch, 2, 2),

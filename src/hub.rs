@@ -250,7 +250,7 @@ fn quant_from_config(v: &Value, path: &Path) -> Result<Option<CheckpointQuant>, 
     };
     let field = |problem: String| Error::ConfigField {
         path: path.to_path_buf(),
-        field: "quantization_config",
+        field: "quantization_config".to_string(),
         problem,
     };
     let method = q

@@ -112,6 +112,9 @@ pub struct FileSettings {
     pub packing: Option<bool>,
     pub activation_offload: Option<bool>,
     pub liger_kernels: Option<bool>,
+    /// LoRA targets left to peft's per-model-type default (`target_modules=None`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub peft_default_targets: bool,
 }
 
 /// A parsed job file.
@@ -356,8 +359,30 @@ pub(crate) fn lora_targets(value: &Value) -> Option<(Vec<LinearKind>, Vec<String
     Some((kinds, unknown))
 }
 
+/// peft's `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING` (utils/constants.py) for the
+/// model types memplan models: q_proj and v_proj where it has an entry.
+const PEFT_QV_DEFAULT: [&str; 9] = [
+    "llama",
+    "llama4",
+    "mistral",
+    "mixtral",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "qwen2",
+    "qwen3",
+];
+
 /// The settings of `file` applied to a job built for its model and method.
-pub fn apply(job: &mut Job, s: &FileSettings) {
+pub fn apply(job: &mut Job, s: &FileSettings) -> Result<(), Error> {
+    if s.peft_default_targets && job.lora.is_some() {
+        let t = job.model.model_type.as_str();
+        if !PEFT_QV_DEFAULT.contains(&t) {
+            return Err(Error::Unsupported(format!(
+                "the file leaves LoRA target_modules to peft, which has no default for model type '{t}' (peft raises \"Please specify `target_modules`\"); set lora_target_modules or pass --lora-targets"
+            )));
+        }
+    }
     if let Some(v) = s.weights {
         job.weights = v;
     }
@@ -395,6 +420,7 @@ pub fn apply(job: &mut Job, s: &FileSettings) {
     if let Some(q) = s.seq {
         job.seq = q;
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -445,11 +471,8 @@ mod tests {
         assert_eq!(k, vec![LinearKind::Q, LinearKind::V]);
         assert_eq!(rest, vec!["lm_head".to_string()]);
         assert_eq!(
-            lora_targets(&serde_json::json!("all-linear"))
-                .unwrap()
-                .0
-                .len(),
-            7
+            lora_targets(&serde_json::json!("all-linear")).unwrap().0,
+            crate::method::all_linear()
         );
     }
 }

@@ -316,9 +316,15 @@ pub(crate) fn resolve(r: &Reader, out: &mut Resolved) -> Result<(), Error> {
             dropout.1,
         );
         let (kinds, src) = match targets {
-            None => (vec![LinearKind::Q, LinearKind::V], Source::Default("q_proj,v_proj: target_modules None → peft 0.21's default for the model type (utils/constants.py)".into())),
+            None => {
+                // Resolved per model type when the job is built (jobfile::apply).
+                out.settings.peft_default_targets = true;
+                (vec![LinearKind::Q, LinearKind::V], Source::Default("target_modules None → peft's default for the model type: q_proj,v_proj for llama, llama4, mistral, mixtral, gemma, gemma2, gemma3_text, qwen2, qwen3 (peft utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)".into()))
+            }
             Some((v, key)) => {
-                let (k, unknown) = lora_targets(v).ok_or_else(|| r.error(&key, "expected all-linear or a list of module names"))?;
+                let (k, unknown) = lora_targets(v).ok_or_else(|| {
+                    r.error(&key, "expected all-linear or a list of module names")
+                })?;
                 for u in unknown {
                     out.warn(format!("{key}: '{u}' is not a decoder Linear memplan models; not counted (chunked_nll also refuses a LoRA lm_head)"));
                 }
