@@ -170,6 +170,9 @@ display_via_to_string!(String, u128, f64, bool, Method, Precision, Optimizer, At
 
 impl Display for Vec<LinearKind> {
     fn show(&self) -> String {
+        if *self == crate::method::all_linear() {
+            return "all-linear".into();
+        }
         self.iter()
             .map(|k| k.module_name())
             .collect::<Vec<_>>()
