@@ -102,6 +102,8 @@ pub struct JobArgs {
 pub struct ResolvedJob {
     pub job: Job,
     pub from: Option<JobFile>,
+    /// The model folder's safetensors headers, when it has any.
+    pub checkpoint: Option<memplan::hub::Checkpoint>,
 }
 
 impl JobArgs {
@@ -589,7 +591,22 @@ impl JobSettings {
                 });
             }
         }
-        Ok(ResolvedJob { job, from: file })
+        let checkpoint = match memplan::hub::config_json_for(model_arg)
+            .as_deref()
+            .and_then(std::path::Path::parent)
+        {
+            Some(dir) if dir.is_dir() => memplan::hub::Checkpoint::read(
+                dir,
+                job.model.param_counts().total,
+                quant.is_some(),
+            )?,
+            _ => None,
+        };
+        Ok(ResolvedJob {
+            job,
+            from: file,
+            checkpoint,
+        })
     }
 
     /// One job per model × method (models outer), batch and sequence length as given.

@@ -163,6 +163,51 @@ impl Headers {
     }
 }
 
+/// A checkpoint's safetensors headers beside the parameter count of the architecture its
+/// `config.json` describes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Checkpoint {
+    pub headers: Headers,
+    pub architecture_params: u128,
+    /// The checkpoint has a `quantization_config`: packed tensors do not count parameters.
+    pub quantized: bool,
+}
+
+impl Checkpoint {
+    /// Reads the headers in `dir` (`Ok(None)` without safetensors files).
+    pub fn read(
+        dir: &Path,
+        architecture_params: u128,
+        quantized: bool,
+    ) -> Result<Option<Checkpoint>, Error> {
+        Ok(read_headers(dir)?.map(|headers| Checkpoint {
+            headers,
+            architecture_params,
+            quantized,
+        }))
+    }
+
+    /// One line: the totals and whether they match the architecture.
+    pub fn summary(&self) -> String {
+        let n = self.headers.elements();
+        let verdict = if self.quantized {
+            "pre-quantized: packed tensors and their constants are not parameter counts".to_string()
+        } else if n == self.architecture_params {
+            format!(
+                "= the {} parameters of the architecture",
+                self.architecture_params
+            )
+        } else {
+            format!(
+                "the architecture has {} parameters ({:+}: e.g. tied embeddings stored twice, or tensors memplan does not model)",
+                self.architecture_params,
+                n as i128 - self.architecture_params as i128
+            )
+        };
+        format!("checkpoint: {}; {verdict}", self.headers.summary())
+    }
+}
+
 /// The largest header memplan reads (the format caps it at 100 MB).
 const MAX_HEADER: u64 = 100 * 1000 * 1000;
 

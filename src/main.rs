@@ -68,6 +68,7 @@ fn run(cli: Cli) -> Result<String> {
                 &est,
                 fit.as_ref(),
                 resolved.from.as_ref(),
+                resolved.checkpoint.as_ref(),
                 a.explain,
                 a.format.into(),
             )?)

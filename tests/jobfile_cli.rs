@@ -481,3 +481,32 @@ fn activation_offload_with_checkpointing_moves_layer_inputs_to_the_host() {
     let table = common::stdout(&t);
     assert!(table.contains("host RAM: 4.00 GiB"), "{table}");
 }
+
+#[test]
+fn checkpoint_headers_are_checked_against_the_architecture() {
+    let home = tempfile::tempdir().unwrap();
+    // V=10, h=4, 1 layer, 2 heads of 2, 1 kv head, i=6, untied: 212 parameters by hand
+    // (embedding 40 + lm_head 40 + q 16 + k 8 + v 8 + o 16 + MLP 72 + norms 8 + final norm 4).
+    let tiny = r#"{"model_type":"llama","vocab_size":10,"hidden_size":4,"intermediate_size":6,
+        "num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1}"#;
+    let snap = cache_entry(home.path(), "acme/tiny", Some(tiny));
+    let header = r#"{"all":{"dtype":"F32","shape":[212],"data_offsets":[0,848]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header.as_bytes());
+    bytes.extend(vec![0u8; 848]);
+    std::fs::write(snap.join("model.safetensors"), bytes).unwrap();
+    let v = run_in(home.path(), &["estimate", "--model", "acme/tiny"]);
+    assert_eq!(v["model"]["params_total"], 212);
+    assert_eq!(v["checkpoint"]["headers"]["elements_by_dtype"]["F32"], 212);
+    let out = memplan()
+        .args(["estimate", "--model", "acme/tiny"])
+        .env_remove("HF_HUB_CACHE")
+        .env("HF_HOME", home.path())
+        .output()
+        .unwrap();
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        table.contains("212 elements (F32 212), 848 bytes of data; = the 212 parameters"),
+        "{table}"
+    );
+}

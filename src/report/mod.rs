@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::error::Error;
 use crate::estimate::Estimate;
 use crate::gpu::{Fit, Gpu};
+use crate::hub::Checkpoint;
 use crate::jobfile::JobFile;
 use crate::method::Job;
 use crate::model::presets::Preset;
@@ -91,6 +92,9 @@ struct EstimateDoc<'a> {
     /// The `--from` file: its format, where each setting came from, and unmodelled keys.
     #[serde(skip_serializing_if = "Option::is_none")]
     from: Option<&'a JobFile>,
+    /// The model folder's safetensors headers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    checkpoint: Option<&'a Checkpoint>,
 }
 
 pub fn render_estimate(
@@ -98,6 +102,7 @@ pub fn render_estimate(
     est: &Estimate,
     fit: Option<&Fit>,
     from: Option<&JobFile>,
+    checkpoint: Option<&Checkpoint>,
     explain: bool,
     format: Format,
 ) -> Result<String, Error> {
@@ -107,14 +112,22 @@ pub fn render_estimate(
         fits: fit.map(|f| f.fits),
         fit,
         from,
+        checkpoint,
+    };
+    let sheet = || {
+        let mut s = estimate_sheet(job, est, fit, explain);
+        if let Some(c) = checkpoint {
+            s.notes.push(c.summary());
+        }
+        s
     };
     match (format, from) {
         (Format::Table, Some(f)) => Ok(format!(
             "{}\n{}",
             renderer(format).map_or_else(String::new, |r| r.render(&provenance_sheet(f))),
-            table::TableRenderer.render(&estimate_sheet(job, est, fit, explain))
+            table::TableRenderer.render(&sheet())
         )),
-        _ => render(format, &doc, || estimate_sheet(job, est, fit, explain)),
+        _ => render(format, &doc, sheet),
     }
 }
 
