@@ -430,10 +430,14 @@ impl JobSettings {
                 }
                 job.weights = memplan::Precision::Int8;
             }
-            Some(CheckpointQuant::DequantizedBf16 { .. }) if method != Method::Qlora => {
+            Some(CheckpointQuant::DequantizedBf16 { quant_method }) => {
+                if method == Method::Qlora {
+                    // transformers' AutoHfQuantizer.merge_quantization_configs keeps a
+                    // pre-quantized checkpoint's own config over one passed at load.
+                    anyhow::bail!("{model_arg} is stored in {quant_method} (config.json quantization_config): transformers keeps that config over a BitsAndBytesConfig passed at load, so QLoRA needs a bf16 copy of the checkpoint first; use --method lora (trained dequantized to bf16) or a bf16 checkpoint");
+                }
                 job.weights = memplan::Precision::Bf16;
             }
-            Some(CheckpointQuant::DequantizedBf16 { .. }) => {}
         }
         if let Some(w) = &self.weights {
             job.weights = w.parse().context("--weights")?;

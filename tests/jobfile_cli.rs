@@ -510,3 +510,16 @@ fn checkpoint_headers_are_checked_against_the_architecture() {
         "{table}"
     );
 }
+
+#[test]
+fn mxfp4_and_fp8_checkpoints_train_dequantized_to_bf16() {
+    // gpt-oss-20b's config.json carries quantization_config mxfp4 (quantizer_mxfp4.py:
+    // is_trainable False → trained after dequantize=True, in bf16).
+    let cfg = "tests/data/reference/configs/gpt-oss-20b.json";
+    let v = run(&["estimate", "--model", cfg, "--method", "lora"]);
+    assert_eq!(v["job"]["weights"], "bf16");
+    fails_with(
+        &["estimate", "--model", cfg, "--method", "qlora"],
+        "bf16 copy",
+    );
+}

@@ -192,9 +192,8 @@ pub fn load(path: &Path) -> Result<JobFile, Error> {
 /// Parses the text of a job file; `path` names it in errors and decides nothing else (JSON and
 /// YAML are told apart by their content).
 pub fn parse(text: &str, path: &Path) -> Result<JobFile, Error> {
-    let bad = |problem: String| Error::JobFile {
+    let bad = |problem: String| Error::JobFileFormat {
         path: path.to_path_buf(),
-        key: "(file)".into(),
         problem,
     };
     let value = match serde_json::from_str::<Value>(text) {
