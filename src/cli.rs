@@ -353,6 +353,10 @@ pub struct JobSettings {
     /// some trainers do); by default transformers 5 + bitsandbytes keep them in 16 bit.
     #[arg(long)]
     pub quantize_experts: bool,
+    /// PyTorch caching-allocator settings, as in PYTORCH_CUDA_ALLOC_CONF, e.g.
+    /// expandable_segments:True,max_split_size_mb:128.
+    #[arg(long)]
+    pub alloc_conf: Option<String>,
 }
 
 impl JobSettings {
@@ -567,6 +571,10 @@ impl JobSettings {
                 "true".into(),
                 "--quantize-experts".into(),
             );
+        }
+        if let Some(c) = &self.alloc_conf {
+            job.alloc_conf = c.parse()?;
+            flag("alloc_conf", c.clone(), format!("--alloc-conf {c}"));
         }
         job.validate()?;
         if let Some(f) = file.as_mut() {
