@@ -478,3 +478,60 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod defaults {
+    //! Each framework's defaults and switches, from a minimal file.
+    use super::*;
+
+    fn settings(text: &str) -> FileSettings {
+        parse(text, Path::new("job.yaml")).unwrap().settings
+    }
+
+    #[test]
+    fn llamafactory_full_upcasts_to_fp32_and_checkpoints_by_default() {
+        let s = settings("model_name_or_path: x\nstage: sft\nfinetuning_type: full\nbf16: true\n");
+        assert_eq!(s.method, Some(Method::Full));
+        // model/adapter.py: trainable parameters upcast to fp32 unless pure_bf16.
+        assert_eq!(s.weights, Some(Precision::Fp32));
+        assert_eq!(s.compute, Some(Precision::Bf16));
+        assert_eq!(s.grad_checkpointing, Some(true));
+        assert_eq!(s.batch, Some(8));
+        let s = settings("model_name_or_path: x\nstage: sft\nfinetuning_type: full\npure_bf16: true\ndisable_gradient_checkpointing: true\n");
+        assert_eq!(s.weights, Some(Precision::Bf16));
+        assert_eq!(s.grad_checkpointing, Some(false));
+    }
+
+    #[test]
+    fn trl_liger_switches_the_loss_and_refuses_chunked_nll_with_it() {
+        let s = settings("model_name_or_path: x\noutput_dir: o\nuse_liger_kernel: true\n");
+        assert_eq!(s.loss, Some(Loss::Liger));
+        assert_eq!(s.liger_kernels, Some(true));
+        let e = parse(
+            "model_name_or_path: x\noutput_dir: o\nuse_liger_kernel: true\nloss_type: chunked_nll\n",
+            Path::new("job.yaml"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("not compatible"), "{e}");
+        let s = settings("model_name_or_path: x\noutput_dir: o\nloss_type: nll\nbf16: false\n");
+        assert_eq!(s.loss, Some(Loss::Ce));
+        // ModelConfig dtype float32 without mixed precision: fp32 compute.
+        assert_eq!(s.compute, Some(Precision::Fp32));
+    }
+
+    #[test]
+    fn axolotl_offloaded_checkpointing_and_plugins() {
+        let s = settings(
+            "base_model: x\ngradient_checkpointing: offload\ncut_cross_entropy: true\nliger_rms_norm: true\nliger_glu_activation: true\n",
+        );
+        assert_eq!(s.grad_checkpointing, Some(true));
+        assert_eq!(s.activation_offload, Some(true));
+        assert_eq!(s.loss, Some(Loss::Cce));
+        assert_eq!(s.liger_kernels, Some(true));
+        // schemas/training.py: adamw_torch_fused; config.py: sequence_len 512.
+        assert_eq!(s.optimizer, Some(Optimizer::AdamwFused));
+        assert_eq!(s.seq, Some(512));
+        let f = parse("base_model: x\ndeepspeed: zero3.json\n", Path::new("a.yml")).unwrap();
+        assert!(f.warnings.iter().any(|w| w.starts_with("deepspeed:")));
+    }
+}
