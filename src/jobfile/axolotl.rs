@@ -326,6 +326,25 @@ pub(crate) fn resolve(r: &Reader, out: &mut Resolved) -> Result<(), Error> {
             |_| Source::Key(r.name("sample_packing")),
         ),
     );
+    // Packed rows under SDPA: `sdpa_varlen` (unset: on where supported — torch >= 2.10,
+    // head_dim <= 256, no sliding window) routes them through
+    // torch.nn.attention.varlen.varlen_attn with cu_seqlens, a flash kernel without a mask
+    // (schemas/config.py); memplan models that as flash attention.
+    if packing == Some(true)
+        && attention == Attention::Sdpa
+        && r.bool("sdpa_varlen")? != Some(false)
+    {
+        out.put(
+            "attention",
+            |s| &mut s.attention,
+            Attention::Flash,
+            Source::Default(format!(
+                "sdpa + sample_packing → sdpa_varlen (varlen_attn, a flash kernel; needs head_dim <= 256 and no sliding window) ({SCHEMA} schemas/config.py)"
+            )),
+        );
+        out.provenance
+            .retain(|p| !(p.setting == "attention" && matches!(p.value.as_str(), "sdpa")));
+    }
 
     // Loss: the Liger and CCE plugins replace the model's loss; otherwise transformers'
     // ForCausalLMLoss.

@@ -531,6 +531,11 @@ mod defaults {
         // schemas/training.py: adamw_torch_fused; config.py: sequence_len 512.
         assert_eq!(s.optimizer, Some(Optimizer::AdamwFused));
         assert_eq!(s.seq, Some(512));
+        // sdpa + sample_packing: axolotl's sdpa_varlen (varlen_attn) is a flash kernel.
+        let s = settings("base_model: x\nsample_packing: true\n");
+        assert_eq!(s.attention, Some(Attention::Flash));
+        let s = settings("base_model: x\nsample_packing: true\nsdpa_varlen: false\n");
+        assert_eq!(s.attention, Some(Attention::Sdpa));
         let f = parse("base_model: x\ndeepspeed: zero3.json\n", Path::new("a.yml")).unwrap();
         assert!(f.warnings.iter().any(|w| w.starts_with("deepspeed:")));
     }
