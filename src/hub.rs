@@ -3,7 +3,7 @@
 //!
 //! Cache layout (huggingface_hub `constants.py` / `file_download.py`): the cache is
 //! `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`, else
-//! `~/.cache/huggingface/hub`; a model `org/name` lives in `models--org--name/`, whose
+//! `~/.cache/huggingface/hub` (`~` is `$HOME`, or `%USERPROFILE%` on Windows); a model `org/name` lives in `models--org--name/`, whose
 //! `refs/main` holds the commit hash of the snapshot `snapshots/<hash>/` with `config.json` and
 //! the `*.safetensors` files (links into `blobs/`).
 //!
@@ -32,7 +32,11 @@ pub fn cache_dir() -> Option<PathBuf> {
         .or_else(|| env("HUGGINGFACE_HUB_CACHE"))
         .or_else(|| env("HF_HOME").map(|h| h.join("hub")))
         .or_else(|| env("XDG_CACHE_HOME").map(|x| x.join("huggingface").join("hub")))
-        .or_else(|| env("HOME").map(|h| h.join(".cache").join("huggingface").join("hub")))
+        .or_else(|| {
+            env("HOME")
+                .or_else(|| env("USERPROFILE"))
+                .map(|h| h.join(".cache").join("huggingface").join("hub"))
+        })
 }
 
 /// Whether `arg` has the shape of a Hub model id (`org/name`).
