@@ -69,6 +69,7 @@ pub(super) fn walk(job: &Job, t: &mut Timeline) -> StepExplain {
         logits: format!("last position only: batch × vocab × ({c} + 4) B = {logits} B"),
         temporaries: "op intermediates (fp32 norm copies, RoPE, dequantized weights, eager scores)"
             .into(),
+        host_bytes: 0,
         kv_cache: format!(
             "DynamicCache: a copy of every layer's k and v for all {tokens} tokens ({kv_total} B; GQA keeps the kv heads only)"
         ),

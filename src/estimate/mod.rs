@@ -17,6 +17,7 @@
 
 pub mod activations;
 mod inference;
+mod liger;
 pub mod logits;
 pub mod resident;
 pub mod runtime;
@@ -88,6 +89,8 @@ pub struct Estimate {
     pub alloc_events: Vec<crate::alloc::Event>,
     /// CPU RAM per node for offloaded state (DeepSpeed offload / FSDP CPUOffload); 0 without.
     pub cpu_offload_bytes: Bytes,
+    /// Host RAM per GPU for offloaded activations (`--activation-offload`); 0 without.
+    pub host_bytes: Bytes,
     /// The data-parallel layout, when the job is sharded; all byte figures above are per GPU.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sharding: Option<ShardingSummary>,
@@ -238,6 +241,8 @@ struct StepExplain {
     logits: String,
     temporaries: String,
     kv_cache: String,
+    /// Host RAM holding offloaded activations (`--activation-offload`).
+    host_bytes: u128,
 }
 
 fn train_step(
@@ -260,13 +265,20 @@ fn train_step(
     // inputs needs a gradient or it owns a trained parameter.
     let first_input_grad = !(matches!(job.method, Method::Lora | Method::Qlora)
         && !(job.kbit_prep && job.grad_checkpointing));
+    // HOOK(configs, liger kernels): Liger's RMSNorm/SwiGLU save less (liger.rs); identity
+    // without --liger-kernels.
     let kinds: Vec<LayerInventory> = r
         .kinds
         .iter()
-        .map(|k| inventory(job, k, tokens, true))
+        .map(|k| liger::apply(job, k, inventory(job, k, tokens, true), tokens))
         .collect();
     let first_kind = r.layer_kind.first().copied().unwrap_or(0);
-    let first = inventory(job, &r.kinds[first_kind], tokens, first_input_grad);
+    let first = liger::apply(
+        job,
+        &r.kinds[first_kind],
+        inventory(job, &r.kinds[first_kind], tokens, first_input_grad),
+        tokens,
+    );
     let layer_inv = |l: usize| -> &LayerInventory {
         if l == 0 {
             &first
@@ -274,7 +286,58 @@ fn train_step(
             &kinds[r.layer_kind[l]]
         }
     };
-    let head = head_inventory(job, tokens);
+    let mut head = head_inventory(job, tokens);
+    // HOOK(configs, loss): the loss's buffers come from logits::loss_walk for chunked-nll, liger
+    // and cce (`ce` keeps the walk below); those losses run lm_head themselves and save what
+    // they need, so lm_head's own saved input goes.
+    let fused_loss = job.loss != crate::method::Loss::Ce;
+    let lw = logits::loss_walk(
+        &dt,
+        &logits::LossInput {
+            tokens,
+            batch: job.batch,
+            vocab: m.vocab,
+            hidden: m.hidden,
+            head_trains: full,
+            head_weight_bytes: resident::dense_param_bytes(job),
+            supervised_fraction: job.supervised_fraction,
+            // The Trainer's bf16/fp16 mixed precision runs the model under autocast.
+            autocast: dt.compute < 4,
+        },
+        job.loss,
+    );
+    if fused_loss {
+        if let Some(op) = head.ops.last_mut() {
+            op.saved.clear();
+        }
+    }
+    // The loss walk frees by size: each free releases the latest live loss tensor of that size.
+    let mut loss_live: Vec<Buf> = Vec::new();
+    let mut loss_events = |t: &mut Timeline, evs: &[logits::LossEvent]| {
+        for e in evs {
+            match *e {
+                logits::LossEvent::Alloc(b) => loss_live.push(t.tensor(Category::Logits, b)),
+                logits::LossEvent::Free(b) => {
+                    let mut left = b;
+                    while left > 0 {
+                        let i = loss_live
+                            .iter()
+                            .rposition(|x| x.bytes == left)
+                            .or_else(|| loss_live.len().checked_sub(1));
+                        let Some(i) = i else { break };
+                        let x = loss_live.remove(i);
+                        left = left.saturating_sub(x.bytes);
+                        t.release(x);
+                    }
+                }
+                logits::LossEvent::Spike(b) => t.transient(Category::Logits, b),
+            }
+        }
+    };
+    // HOOK(configs, activation offload): what each layer keeps leaves the GPU after its forward
+    // and comes back just before its backward; `host` counts what is held in host RAM.
+    let offload = job.activation_offload;
+    let mut host: u128 = 0;
 
     // Masks built once per forward: eager attention's 4-D float masks (causal, and sliding when
     // some layer has a window), SDPA's boolean window mask when a window is shorter than the
@@ -308,23 +371,39 @@ fn train_step(
         let inv = layer_inv(l);
         t.transient(Category::Temporaries, inv.fwd_transient);
         if job.grad_checkpointing {
-            kept_inputs.push(Some(t.tensor(Category::Activations, inv.input)));
+            if offload {
+                t.transient(Category::Activations, inv.input);
+                host += inv.input;
+                kept_inputs.push(None);
+            } else {
+                kept_inputs.push(Some(t.tensor(Category::Activations, inv.input)));
+            }
             layer_saved.push(Vec::new());
         } else {
             kept_inputs.push(None);
-            layer_saved.push(save_layer(t, inv));
+            let saved = save_layer(t, inv);
+            if offload {
+                saved.into_iter().flatten().for_each(|b| t.release(b));
+                host += inv.saved();
+                layer_saved.push(Vec::new());
+            } else {
+                layer_saved.push(saved);
+            }
         }
     }
     let head_saved = save_layer(t, &head);
+    if fused_loss {
+        loss_events(t, &lw.forward);
+    }
     // Logits: lm_head output, the ops transformers applies before the loss (Granite's scaling,
     // Gemma 2's soft-capping: its tanh output is saved), the fp32 upcast and log-softmax.
-    let mut raw = t.tensor(Category::Logits, lg.raw);
-    if r.head.scaling {
+    let mut raw = t.tensor(Category::Logits, if fused_loss { 0 } else { lg.raw });
+    if r.head.scaling && !fused_loss {
         let scaled = t.tensor(Category::Logits, lg.raw);
         t.release(raw);
         raw = scaled;
     }
-    let tanh_saved = if r.head.softcap {
+    let tanh_saved = if r.head.softcap && !fused_loss {
         let divided = t.tensor(Category::Logits, lg.raw);
         t.release(raw);
         let y = t.tensor(Category::Logits, lg.raw);
@@ -334,8 +413,9 @@ fn train_step(
     } else {
         None
     };
-    let upcast = t.tensor(Category::Logits, lg.upcast);
-    let log_softmax = t.tensor(Category::Logits, lg.log_softmax);
+    let ce = |b: u128| if fused_loss { 0 } else { b };
+    let upcast = t.tensor(Category::Logits, ce(lg.upcast));
+    let log_softmax = t.tensor(Category::Logits, ce(lg.log_softmax));
     t.release(raw);
     t.release(upcast);
     let mut mask_bufs = mask_bufs;
@@ -349,11 +429,14 @@ fn train_step(
     t.phase(Phase::Backward);
     let bucket = (sh.bucket > 0).then(|| t.tensor(Category::CommBuckets, sh.bucket));
     // nll_loss and log_softmax backward: two fp32 gradients beside the saved log-softmax.
-    let g1 = t.tensor(Category::Logits, lg.grad_fp32);
-    let g2 = t.tensor(Category::Logits, lg.grad_fp32);
+    if fused_loss {
+        loss_events(t, &lw.backward);
+    }
+    let g1 = t.tensor(Category::Logits, ce(lg.grad_fp32));
+    let g2 = t.tensor(Category::Logits, ce(lg.grad_fp32));
     t.release(g1);
     t.release(log_softmax);
-    let mut g_raw = t.tensor(Category::Logits, lg.grad_raw);
+    let mut g_raw = t.tensor(Category::Logits, ce(lg.grad_raw));
     t.release(g2);
     if let Some(y) = tanh_saved {
         // `* cap`, `tanh` (needs its output) and `/ cap` backward, one logits-sized gradient each.
@@ -372,16 +455,24 @@ fn train_step(
     // lm_head backward: the input gradient, and the weight gradient when it trains.
     let hidden_grad = t.tensor(Category::Temporaries, tokens * dt.residual * m.hidden);
     backward_layer(t, &head, head_saved, &mut grad, Some(g_raw));
+    if fused_loss {
+        loss_events(t, &lw.after_head);
+    }
     for l in (0..r.layer_kind.len()).rev() {
         let inv = layer_inv(l);
+        // Offloaded: the checkpointed input (or the saved tensors) come back for this layer.
+        let back =
+            (offload && job.grad_checkpointing).then(|| t.tensor(Category::Activations, inv.input));
         let saved = if job.grad_checkpointing {
             t.transient(Category::Temporaries, inv.fwd_transient);
+            save_layer(t, inv)
+        } else if offload {
             save_layer(t, inv)
         } else {
             std::mem::take(&mut layer_saved[l])
         };
         backward_layer(t, inv, saved, &mut grad, None);
-        if let Some(b) = kept_inputs[l].take() {
+        if let Some(b) = kept_inputs[l].take().or(back) {
             t.release(b);
         }
     }
@@ -427,9 +518,22 @@ fn train_step(
     }
 
     let head_bytes = head.saved();
-    StepExplain {
-        activations: explain_activations(job, &kinds, &first, head_bytes),
-        logits: format!(
+    // HOOK(configs): what the loss, offload and Liger switches changed.
+    let activations = format!(
+        "{}{}{}",
+        explain_activations(job, &kinds, &first, head_bytes),
+        if offload {
+            format!("; offloaded to host RAM after each layer's forward and brought back for its backward: {host} B on the host (TRL activation_offloading / axolotl offloaded checkpointing; their in-flight copies, e.g. TRL's max_fwd_stash_size 5 tensors, are not counted: expect up to a few layers' worth more)")
+        } else {
+            String::new()
+        },
+        if job.liger_kernels {
+            "; Liger RMSNorm saves its input and fp32 rstd, Liger SwiGLU its two inputs (Liger-Kernel 0.8.2; Triton, derived from source)"
+        } else {
+            ""
+        }
+    );
+    let ce_explain = format!(
             "{tokens} tokens × vocab {} = {} logits: {}-bit logits + fp32 upcast + fp32 log-softmax (saved) in the forward; 2 fp32 gradients beside the saved log-softmax in the backward (transformers ForCausalLMLoss; 12 B/logit at the backward spike){}",
             m.vocab,
             tokens * m.vocab,
@@ -439,7 +543,22 @@ fn train_step(
                 (_, true) => "; logits scaling (/ logits_scaling) adds one logits-sized copy",
                 _ => "",
             }
-        ),
+        );
+    StepExplain {
+        activations,
+        logits: if fused_loss {
+            format!(
+                "{}{}",
+                lw.explain,
+                if r.head.softcap || r.head.scaling {
+                    "; the model's logit soft-capping / scaling runs inside the loss's chunks (not modelled separately)"
+                } else {
+                    ""
+                }
+            )
+        } else {
+            ce_explain
+        },
         temporaries: format!(
             "per-layer forward transients up to {} B (dequantized weights, fp32 LoRA sums, eager scores), backward gradient buffers of each module, the residual-stream gradients{}; optimizer step {} B",
             kinds.iter().map(|k| k.fwd_transient).max().unwrap_or(0),
@@ -447,6 +566,7 @@ fn train_step(
             sh.optimizer_step_temp
         ),
         kv_cache: String::new(),
+        host_bytes: host,
     }
 }
 
@@ -771,7 +891,7 @@ fn finish(
         name: "allocator_reserve",
         bytes: Bytes(peak_reserved - peak),
         explain: format!(
-            "reserved but not allocated at the peak: the segments the caching allocator keeps cached (2 MiB small, 20 MiB or rounded-up large segments, split blocks, expandable segments with --alloc-conf), replayed over the step's {} tensor events (PyTorch 2.11 CUDACachingAllocator.cpp)",
+            "reserved but not allocated at the peak: the segments the caching allocator keeps cached (2 MiB small, 20 MiB or rounded-up large segments, split blocks, expandable segments with --alloc-conf), replayed over the {} tensor events of the step (PyTorch 2.11 CUDACachingAllocator.cpp)",
             alloc_events.len()
         ),
         allocated: false,
@@ -821,6 +941,7 @@ fn finish(
             .collect(),
         runtime: profile,
         alloc_events,
+        host_bytes: Bytes(step.host_bytes),
         cpu_offload_bytes: Bytes(
             sh.cpu_offload * job.sharding.as_ref().map_or(1, |s| s.gpus_per_node()),
         ),
