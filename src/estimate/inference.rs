@@ -141,9 +141,12 @@ fn layer(
                         };
                         job.batch * a.heads * job.seq * job.seq * per_score + repeated
                     }
-                    _ if sdpa_masked(job, a) || a.qk_head_dim > 256 => {
-                        tokens * (2 * q + 4 * a.heads) * c
+                    // A masked call: k and v repeated to every head (no `enable_gqa` with a
+                    // mask) and the boolean mask converted to a 16-bit additive bias.
+                    _ if sdpa_masked(job, a) => {
+                        tokens * (2 * q + 4 * a.heads) * c + job.batch * job.seq * job.seq * c
                     }
+                    _ if a.qk_head_dim > 256 => tokens * (2 * q + 4 * a.heads) * c,
                     _ => tokens * 4 * a.heads,
                 };
                 rope.max(kernel)
