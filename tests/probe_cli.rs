@@ -36,7 +36,7 @@ fn json_has_the_fixed_fields() {
         assert!(v["device"].get(f).is_some(), "device.{f}");
     }
     assert_eq!(v["backend"], "cpu");
-    assert!(v["config"]["model"]["hidden"].as_u64().unwrap() > 0);
+    assert!(v["config"]["hidden"].as_u64().unwrap() > 0);
     let measured = v["measured_peak_bytes"].as_u64().unwrap();
     let estimated = v["estimated_peak_bytes"].as_u64().unwrap();
     assert!(measured > 0 && estimated > 0);

@@ -1,6 +1,8 @@
 //! A small deterministic generator (SplitMix64, Steele et al. 2014) so a probe run is
 //! reproducible without a random-number dependency.
 
+use std::num::NonZeroU64;
+
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
 
@@ -37,7 +39,8 @@ impl Rng {
         (0..n).map(|_| self.normal(std)).collect()
     }
 
-    pub fn below(&mut self, n: u32) -> u32 {
-        (self.next_u64() % u64::from(n)) as u32
+    /// Uniform in `[0, n)` (modulo bias below 2^-32 for n < 2^32). `n` cannot be zero.
+    pub fn below(&mut self, n: NonZeroU64) -> u64 {
+        self.next_u64() % n.get()
     }
 }
