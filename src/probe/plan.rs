@@ -299,7 +299,12 @@ pub fn suggestion(job: &Job, have: u64, fits_now: bool) -> Result<Option<String>
     if let Some(p) = same {
         if let Some(b) = verified_batch(job.grad_checkpointing, p.max_batch)? {
             if fits_now {
-                return Ok((b > job.batch).then(|| format!("fits up to `--batch {b}`")));
+                let cap = if b >= crate::plan::fit::MAX_BATCH_CAP {
+                    " (the search's cap)"
+                } else {
+                    ""
+                };
+                return Ok((b > job.batch).then(|| format!("fits up to `--batch {b}`{cap}")));
             }
             return Ok(Some(format!("at `--batch {b}` it does")));
         }

@@ -904,6 +904,63 @@ pub fn probe(opts: &ProbeOptions) -> Result<ProbeReport, ProbeError> {
 mod tests {
     use super::*;
 
+    fn plan_options(seq: u128) -> ProbeOptions {
+        let (shape, _) = crate::model::resolve_model("llama-3.2-1b").unwrap();
+        let mut job = Job::new(shape, Method::Qlora);
+        job.seq = seq;
+        ProbeOptions {
+            model: plan::probe_config(&job, 3, 16.0, 1).unwrap(),
+            steps: 2,
+            lr: 5e-3,
+            backend: Backend::Cpu,
+            layer_runs: vec![3, 2, 1],
+            plan: Some(PlanRequest {
+                job,
+                margin_pct: plan::DEFAULT_MARGIN_PCT,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_plan_that_does_not_fit_measures_fewer_depths_then_a_shorter_sequence() {
+        let peak = |o: &ProbeOptions, k: usize| estimate_step(&o.at_depth(k)).unwrap().peak_bytes;
+        let o = plan_options(128);
+        // Free memory between the 2- and 3-layer needs (÷ 0.8): 3 layers do not fit, 2 do.
+        let free = ((peak(&o, 2) + peak(&o, 3)) as f64 / 2.0 / SAFETY_FRACTION) as u64;
+        let mut fewer = o.clone();
+        let mut notes = Vec::new();
+        let est = size_to_fit(&mut fewer, free, "test", &mut notes).unwrap();
+        assert_eq!(fewer.layer_runs, [2, 1]);
+        assert_eq!((fewer.model.layers, fewer.model.seq), (2, 128));
+        assert_eq!(est.len(), 2);
+        assert!(notes[0].contains("measured at 2"), "{notes:?}");
+        // Less than the 2-layer need at 128 tokens: the sequence is shortened, and said so; the
+        // longest that fits (the next token would not).
+        let free = (peak(&o, 2) as f64 * 0.9 / SAFETY_FRACTION) as u64;
+        let mut shorter = o.clone();
+        let mut notes = Vec::new();
+        size_to_fit(&mut shorter, free, "test", &mut notes).unwrap();
+        let s = shorter.model.seq;
+        assert!(s < 128, "{s}");
+        let fits = |seq: usize| {
+            let c = ModelConfig {
+                seq,
+                ..shorter.model.clone()
+            };
+            estimate_step(&c).unwrap().peak_bytes as f64 <= SAFETY_FRACTION * free as f64
+        };
+        assert!(fits(s) && !fits(s + 1));
+        assert!(
+            notes.iter().any(|n| n.contains("--seq 128 shortened to")),
+            "{notes:?}"
+        );
+        // The toy model is refused with the numbers instead.
+        let mut toy = o.clone();
+        toy.plan = None;
+        let e = size_to_fit(&mut toy, free, "test", &mut Vec::new()).unwrap_err();
+        assert!(e.to_string().starts_with("refusing to run"), "{e}");
+    }
+
     #[test]
     fn allocation_failures_are_recognised() {
         assert!(is_out_of_memory(
