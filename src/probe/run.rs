@@ -739,7 +739,10 @@ pub fn probe(opts: &ProbeOptions) -> Result<ProbeReport, ProbeError> {
         Option<Calibration>,
     ) = match opts.backend {
         Backend::Cpu => (
-            Device::Cpu,
+            {
+                alloc::keep_freed_memory();
+                Device::Cpu
+            },
             cpu.clone(),
             Box::new(CpuMeter {
                 baseline: alloc::current(),
