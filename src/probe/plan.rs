@@ -89,13 +89,25 @@ pub fn probe_config(job: &Job, layers: usize, alpha: f64, seed: u64) -> Result<M
         rank: size("--rank", lora.rank)?,
         alpha,
         dropout: lora.dropout as f32,
-        targets: lora.targets.clone(),
+        // all-linear also names modules a dense Llama layer lacks (router, experts): it reaches
+        // the seven projections here, as peft's all-linear does on such a layer.
+        targets: lora
+            .targets
+            .iter()
+            .copied()
+            .filter(|k| crate::method::dense_all_linear().contains(k))
+            .collect(),
         double_quant: job.double_quant,
         nf4,
         batch: size("--batch", job.batch)?,
         seq: size("--seq", job.seq)?,
         seed,
     };
+    if cfg.targets.is_empty() {
+        return Err(Error::Unsupported(
+            "--lora-targets: none of the targets is a projection of a dense Llama layer (q_proj … down_proj)".into(),
+        ));
+    }
     cfg.validate()?;
     Ok(cfg)
 }
@@ -131,11 +143,32 @@ pub fn differences(job: &Job) -> Vec<String> {
             job.attention
         ));
     }
+    // The candle layer is a plain Llama layer: any other architecture (biases, q/k norms, extra
+    // norms, another MLP) shows up as a different parameter count at the same widths.
     let m = &job.model;
-    if m.qkv_bias || m.o_bias || m.mlp_bias || m.qk_norm {
+    if m.moe.is_some() {
         d.push(format!(
-            "{}: the candle layer has no projection biases or q/k norms (a few KiB per layer)",
+            "{}: a mixture of experts; the candle step is dense",
             m.name
+        ));
+        return d;
+    }
+    let llama = crate::model::ModelShape::llama(
+        &m.name,
+        m.vocab,
+        m.hidden,
+        m.layers,
+        m.heads,
+        m.kv_heads,
+        m.head_dim,
+        m.intermediate,
+        m.tie_embeddings,
+    );
+    let (theirs, ours) = (m.param_counts().total, llama.param_counts().total);
+    if theirs != ours {
+        d.push(format!(
+            "{} ({}) is not a plain Llama decoder: {theirs} parameters against {ours} for the Llama layers the candle step builds at the same widths",
+            m.name, m.model_type
         ));
     }
     if job.sharding.is_some() {

@@ -223,23 +223,17 @@ pub fn is_out_of_memory(message: &str) -> bool {
 /// memplan's PyTorch Job for the same step (NF4 weights or a frozen fp32 base, fp32 compute,
 /// eager attention).
 pub fn pytorch_job(cfg: &ModelConfig) -> Job {
-    let shape = ModelShape {
-        name: "probe".into(),
-        model_type: "llama".into(),
-        vocab: cfg.vocab as u128,
-        hidden: cfg.hidden as u128,
-        layers: cfg.layers as u128,
-        heads: cfg.heads as u128,
-        kv_heads: cfg.kv_heads as u128,
-        head_dim: cfg.head_dim() as u128,
-        intermediate: cfg.intermediate as u128,
-        tie_embeddings: cfg.tie_embeddings,
-        qkv_bias: false,
-        o_bias: false,
-        mlp_bias: false,
-        qk_norm: false,
-        moe: None,
-    };
+    let shape = ModelShape::llama(
+        "probe",
+        cfg.vocab as u128,
+        cfg.hidden as u128,
+        cfg.layers as u128,
+        cfg.heads as u128,
+        cfg.kv_heads as u128,
+        cfg.head_dim() as u128,
+        cfg.intermediate as u128,
+        cfg.tie_embeddings,
+    );
     let (method, weights) = if cfg.nf4 {
         (Method::Qlora, Precision::Nf4)
     } else {
