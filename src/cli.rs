@@ -663,8 +663,9 @@ pub struct ProbeArgs {
     /// LoRA alpha (scale alpha/rank).
     #[arg(long, default_value_t = 16.0, allow_negative_numbers = true)]
     pub alpha: f64,
-    /// Training steps at each depth (the ones after the first are the measured steady state)
-    /// [default: 5 for the toy model, 2 with --model].
+    /// Training steps of the deepest run (the ones after the first are the measured steady
+    /// state); shallower runs start warm and take one fewer [default: 5 for the toy model, 2 with
+    /// --model].
     #[arg(long)]
     pub steps: Option<usize>,
     /// AdamW learning rate.

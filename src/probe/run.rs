@@ -365,9 +365,17 @@ fn measure_runs(
     let mut runs = Vec::with_capacity(opts.layer_runs.len());
     // Runtime buffers earlier runs left (gemm's per-thread packing buffers): not the model's.
     let mut carried = 0u64;
-    for &k in &opts.layer_runs {
+    for (run, &k) in opts.layer_runs.iter().enumerate() {
         *depth = k;
         let started = Instant::now();
+        // The first step of the first run pays the runtime's one-time allocations (gemm's
+        // per-thread buffers) and is left out of the steady state; later runs start warm and
+        // need one step fewer.
+        let steps = if run == 0 {
+            opts.steps
+        } else {
+            opts.steps.saturating_sub(1).max(1)
+        };
         model.layers.truncate(k);
         model.cfg.layers = k;
         let vars = model
@@ -381,10 +389,10 @@ fn measure_runs(
         let mut opt = AdamW::new(vars, AdamWConfig::with_lr(opts.lr))?;
         let resident = meter.live_above_baseline().saturating_sub(carried);
         let mut rng = Rng::new(opts.model.seed);
-        let mut losses = Vec::with_capacity(opts.steps);
-        let mut step_peaks = Vec::with_capacity(opts.steps);
-        let mut phase_peaks = Vec::with_capacity(opts.steps);
-        for step in 1..=opts.steps {
+        let mut losses = Vec::with_capacity(steps);
+        let mut step_peaks = Vec::with_capacity(steps);
+        let mut phase_peaks = Vec::with_capacity(steps);
+        for step in 1..=steps {
             let start = meter.live_above_baseline();
             // The step's own rise above what was live when it started, on top of the model; one
             // window per phase (forward, backward, optimizer), in the order the estimate walks them.
@@ -440,7 +448,8 @@ fn measure_runs(
     }))
 }
 
-/// Steps after the first (the first pays one-time runtime allocations), or the only one.
+/// Steps after the first (the first pays one-time runtime allocations), or the only one (a
+/// later run, which starts warm, may take one step).
 fn steady<T>(v: &[T]) -> &[T] {
     if v.len() > 1 {
         &v[1..]

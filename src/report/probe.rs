@@ -116,7 +116,7 @@ pub fn render_probe(r: &ProbeReport, format: Format) -> Result<String, Error> {
         ));
         let depths: Vec<String> = r.runs.iter().map(|x| x.layers.to_string()).collect();
         title.push(format!(
-            "model: vocab {} hidden {} layers {} heads {}/{} kv head_dim {} intermediate {}{}; {} base, LoRA r={} α={} dropout {}; batch {} × seq {}; {} steps per depth, AdamW lr {}",
+            "model: vocab {} hidden {} layers {} heads {}/{} kv head_dim {} intermediate {}{}; {} base, LoRA r={} α={} dropout {}; batch {} × seq {}; {} steps (deepest run), AdamW lr {}",
             c.vocab,
             c.hidden,
             depths.join(", "),
