@@ -123,6 +123,9 @@ pub struct ShardArgs {
     /// PyTorch FSDP sharding strategy: full-shard, shard-grad-op or hybrid-shard.
     #[arg(long)]
     pub fsdp: Option<String>,
+    /// FSDP implementation: 2 (fully_shard) or 1 (FullyShardedDataParallel).
+    #[arg(long, default_value_t = 2)]
+    pub fsdp_version: u8,
     /// CPU offload: none, optimizer or optimizer+params.
     #[arg(long, default_value = "none")]
     pub offload: String,
@@ -173,6 +176,7 @@ impl ShardArgs {
         let mut s = Sharding::new(self.gpus as u128, engine);
         s.nodes = self.nodes as u128;
         s.offload = offload;
+        s.fsdp_version = self.fsdp_version;
         s.reduce_bucket = match &self.reduce_bucket {
             Some(t) => positive_count("--reduce-bucket", t)?,
             None => DEFAULT_REDUCE_BUCKET,

@@ -107,6 +107,8 @@ pub struct Sharding {
     pub reduce_bucket: u128,
     /// ZeRO-3 parameter prefetch, elements (`stage3_prefetch_bucket_size`).
     pub prefetch_bucket: u128,
+    /// FSDP implementation: 2 (`fully_shard`, the default) or 1 (`FullyShardedDataParallel`).
+    pub fsdp_version: u8,
 }
 
 impl Sharding {
@@ -119,6 +121,7 @@ impl Sharding {
             offload: Offload::None,
             reduce_bucket: DEFAULT_REDUCE_BUCKET,
             prefetch_bucket: DEFAULT_PREFETCH_BUCKET,
+            fsdp_version: 2,
         }
     }
 
@@ -168,6 +171,12 @@ impl Sharding {
                     "--zero {s}: DeepSpeed ZeRO stages are 0, 1, 2 and 3"
                 ));
             }
+        }
+        if !matches!(self.fsdp_version, 1 | 2) {
+            return bad(format!(
+                "--fsdp-version {}: FSDP is version 1 (FullyShardedDataParallel) or 2 (fully_shard)",
+                self.fsdp_version
+            ));
         }
         if self.reduce_bucket == 0 || self.prefetch_bucket == 0 {
             return bad("--reduce-bucket and --prefetch-bucket must be at least 1 element".into());
