@@ -148,6 +148,12 @@ struct StepExplain {
 }
 
 fn train_step(job: &Job, sh: &PerGpu, t: &mut Timeline) -> StepExplain {
+    // FSDP-HOOK(a): under FSDP mixed precision the step computes on the gathered 16-bit
+    // copies: walk the 16-bit job (sharding.rs `walk_job`); resident state stays the job's.
+    let walk = sharding::walk_job(job);
+    let job: &Job = &walk;
+    // FSDP-HOOK(b): FSDP's per-unit buffers (sharding.rs `FsdpWalk`), None otherwise.
+    let fsdp = sh.fsdp.as_ref().map(sharding::FsdpWalk::new);
     let m = &job.model;
     let tokens = job.tokens();
     let dt = Dtypes::of(job);
@@ -184,7 +190,12 @@ fn train_step(job: &Job, sh: &PerGpu, t: &mut Timeline) -> StepExplain {
 
     // A layer's parameter gradient: kept whole on one GPU; with sharding, reduced to this rank's
     // shard (FSDP: the unit's full gradient exists until its reduce-scatter).
+    // FSDP-HOOK(c): FSDP keeps a layer's unsharded gradients until its post-backward.
     let grad = |t: &mut Timeline, bytes: u128| {
+        if let Some(f) = &fsdp {
+            f.layer_grad(t, bytes);
+            return;
+        }
         let spike = sh.unsharded_grad_spike;
         if spike {
             t.alloc(Category::Temporaries, bytes);
@@ -195,10 +206,20 @@ fn train_step(job: &Job, sh: &PerGpu, t: &mut Timeline) -> StepExplain {
         }
     };
 
+    // FSDP-HOOK(d): the root unit's gradients (lm_head, final norm, untied embedding) stay
+    // whole until the root's post-backward at the very end of backward.
+    let root_grad = |t: &mut Timeline, bytes: u128| match &fsdp {
+        Some(f) => f.root_grad(t, bytes),
+        None => grad(t, bytes),
+    };
+
     // ---------------- forward
     t.phase(Phase::Forward);
     if sh.gathered > 0 {
         t.alloc(Category::GatheredParams, sh.gathered);
+    }
+    if let Some(f) = &fsdp {
+        f.forward_start(t); // FSDP-HOOK(e)
     }
     t.alloc(Category::Temporaries, mask);
     let kept_per_layer = if job.grad_checkpointing {
@@ -209,6 +230,9 @@ fn train_step(job: &Job, sh: &PerGpu, t: &mut Timeline) -> StepExplain {
     // The first layer saves less when the embedding output needs no gradient (frozen base).
     let first = first_layer(job, &layer, tokens);
     for l in 0..m.layers {
+        if let Some(f) = &fsdp {
+            f.layer_forward_pre(t); // FSDP-HOOK(f)
+        }
         t.spike(Category::Temporaries, layer.fwd_transient);
         let kept = if l == 0 && !job.grad_checkpointing {
             first.saved()
@@ -216,6 +240,9 @@ fn train_step(job: &Job, sh: &PerGpu, t: &mut Timeline) -> StepExplain {
             kept_per_layer
         };
         t.alloc(Category::Activations, kept);
+        if let Some(f) = &fsdp {
+            f.layer_forward_post(t); // FSDP-HOOK(g)
+        }
     }
     t.alloc(Category::Activations, head_saved);
     t.alloc(Category::Logits, lg.raw);
@@ -225,9 +252,15 @@ fn train_step(job: &Job, sh: &PerGpu, t: &mut Timeline) -> StepExplain {
     if !job.grad_checkpointing {
         t.free(Category::Temporaries, mask);
     }
+    if let Some(f) = &fsdp {
+        f.forward_end(t); // FSDP-HOOK(h)
+    }
 
     // ---------------- backward
     t.phase(Phase::Backward);
+    if let Some(f) = &fsdp {
+        f.backward_start(t); // FSDP-HOOK(i)
+    }
     if sh.bucket > 0 {
         t.alloc(Category::CommBuckets, sh.bucket);
     }
@@ -239,15 +272,18 @@ fn train_step(job: &Job, sh: &PerGpu, t: &mut Timeline) -> StepExplain {
     let hidden_grad = tokens * dt.residual * m.hidden;
     t.alloc(Category::Temporaries, hidden_grad);
     if full {
-        grad(t, m.vocab * m.hidden * param_bytes);
+        root_grad(t, m.vocab * m.hidden * param_bytes);
     }
     t.free(Category::Logits, lg.grad_raw);
     t.free(Category::Activations, head_saved);
     if full {
-        grad(t, m.hidden * param_bytes); // final norm
+        root_grad(t, m.hidden * param_bytes); // final norm
     }
     for l in (0..m.layers).rev() {
         let this = if l == 0 { &first } else { &layer };
+        if let Some(f) = &fsdp {
+            f.layer_backward_pre(t, l == 0); // FSDP-HOOK(j)
+        }
         if job.grad_checkpointing {
             t.spike(Category::Temporaries, this.fwd_transient);
             t.alloc(Category::Activations, this.saved());
@@ -261,6 +297,9 @@ fn train_step(job: &Job, sh: &PerGpu, t: &mut Timeline) -> StepExplain {
         if job.grad_checkpointing {
             t.free(Category::Activations, this.input);
         }
+        if let Some(f) = &fsdp {
+            f.layer_backward_post(t); // FSDP-HOOK(k)
+        }
     }
     if full {
         let emb = counts.embedding * param_bytes;
@@ -269,7 +308,7 @@ fn train_step(job: &Job, sh: &PerGpu, t: &mut Timeline) -> StepExplain {
             // (measured: +2 × V·h on the 1B and 3B tied models).
             t.spike(Category::Temporaries, 2 * emb);
         } else {
-            grad(t, emb);
+            root_grad(t, emb);
         }
     }
     t.free(Category::Temporaries, hidden_grad);
@@ -282,6 +321,9 @@ fn train_step(job: &Job, sh: &PerGpu, t: &mut Timeline) -> StepExplain {
     }
     if sh.gathered > 0 {
         t.free(Category::GatheredParams, sh.gathered);
+    }
+    if let Some(f) = &fsdp {
+        f.backward_end(t); // FSDP-HOOK(l)
     }
 
     // ---------------- optimizer

@@ -109,6 +109,10 @@ pub struct Sharding {
     pub prefetch_bucket: u128,
     /// FSDP implementation: 2 (`fully_shard`, the default) or 1 (`FullyShardedDataParallel`).
     pub fsdp_version: u8,
+    /// FSDP `MixedPrecisionPolicy.reduce_dtype` (`MixedPrecision.reduce_dtype` in FSDP1): the
+    /// dtype gradients are reduce-scattered in. `None` is torch's default, the gathered
+    /// parameters' dtype (and what accelerate builds from `mixed_precision`).
+    pub reduce_dtype: Option<Precision>,
 }
 
 impl Sharding {
@@ -122,6 +126,7 @@ impl Sharding {
             reduce_bucket: DEFAULT_REDUCE_BUCKET,
             prefetch_bucket: DEFAULT_PREFETCH_BUCKET,
             fsdp_version: 2,
+            reduce_dtype: None,
         }
     }
 
@@ -313,6 +318,8 @@ pub struct PerGpu {
     pub bucket: u128,
     /// CPU RAM per GPU for offloaded state.
     pub cpu_offload: u128,
+    /// FSDP's units, walked buffer by buffer ([`FsdpWalk`]); `None` for DeepSpeed / one GPU.
+    pub fsdp: Option<FsdpUnits>,
     pub explain: String,
 }
 
@@ -342,6 +349,260 @@ impl PerGpu {
     }
 }
 
+/// What FSDP gathers and reduces, unit by unit: the root (embedding, final norm, lm_head) and
+/// one decoder layer (all layers have the same shape), in bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FsdpUnits {
+    /// 1 (`FullyShardedDataParallel`, flat parameters) or 2 (`fully_shard`, per-parameter).
+    pub version: u8,
+    /// The root unit's unsharded parameters, in the gathered dtype (`param_dtype`).
+    pub root: u128,
+    /// One decoder layer's unsharded parameters (incl. LoRA adapters), in the gathered dtype.
+    pub layer: u128,
+    /// Decoder layers (units besides the root).
+    pub layers: u128,
+    /// `reshard_after_forward` (FSDP2) / not `SHARD_GRAD_OP` (FSDP1).
+    pub reshard_after_forward: bool,
+    /// Bytes of an unsharded gradient element (the gathered dtype) and of a reduce-scatter
+    /// element (`reduce_dtype`, default the gathered dtype), and of the kept sharded gradient
+    /// (the stored parameter dtype).
+    pub grad_elem: u128,
+    pub reduce_elem: u128,
+    pub shard_elem: u128,
+    /// Ranks the gradients are reduce-scattered over.
+    pub shards: u128,
+    /// Sharded gradients stay on the GPU (not with `CPUOffloadPolicy`).
+    pub grads_on_gpu: bool,
+}
+
+impl FsdpUnits {
+    /// The most gathered parameters alive at once: the root plus two layers' worth (FSDP2: a
+    /// layer's copy and its held all-gather buffer in forward, or the prefetched next layer in
+    /// backward; FSDP1: the current and the prefetched unit); without resharding after forward
+    /// every layer stays gathered until its backward.
+    pub fn largest_gathered(&self) -> u128 {
+        let layers = if self.reshard_after_forward {
+            2
+        } else {
+            self.layers + u128::from(self.version == 2 && self.shards > 1)
+        };
+        self.root + layers * self.layer
+    }
+}
+
+/// FSDP's buffers as the step runs, from torch 2.11's FSDP2 code
+/// (`torch/distributed/fsdp/_fully_shard/`; FSDP1 where it differs,
+/// `torch/distributed/fsdp/_runtime_utils.py`):
+///
+/// - all-gather (`_fsdp_collectives.py` `foreach_all_gather`): one flat output buffer of the
+///   unit's unsharded size; `foreach_all_gather_copy_out` then copies it into each parameter's
+///   own unsharded storage (`_fsdp_param.py` `alloc_storage`). In forward the buffer is kept
+///   until the next unit's all-gather (`_fsdp_param_group.py` `wait_for_unshard`:
+///   `comm_ctx.all_gather_state`), so a layer's forward has two copies of it alive; in backward
+///   it is freed right after the copy-out. FSDP1 gathers straight into the flat parameter.
+/// - root: never resharded after forward (`_fsdp_state.py` `_lazy_init`); its pre-backward
+///   prefetches the last layer (`_backward_prefetch`), so root + one layer buffer are alive at
+///   the end of forward and the start of backward.
+/// - backward: each layer's pre-backward copies its parameters out and prefetches the previous
+///   layer's all-gather: two layers' worth alive during a layer's backward (one for layer 0).
+/// - post-backward (`post_backward`, `foreach_reduce`): reshard, drop the previous unit's
+///   reduce-scatter input (`comm_ctx.reduce_scatter_state`), allocate this unit's
+///   reduce-scatter input in `reduce_dtype`, copy the unsharded gradients in and free them, then
+///   the reduce-scatter output (1/N), cast to the parameter dtype when it differs. The input is
+///   held until the next unit's reduce. FSDP1 frees its reduce input at once.
+/// - root gradients: the root's post-backward runs only in the final callback
+///   (`_root_post_backward_final_callback`: its forward input, the token ids, needs no
+///   gradient), so lm_head's (and the embedding's) full gradient lives through the whole
+///   backward and is reduce-scattered last.
+#[derive(Debug)]
+pub struct FsdpWalk {
+    u: FsdpUnits,
+    /// The all-gather buffer held from forward (`all_gather_state`) or a prefetched gather.
+    pending_gather: std::cell::Cell<u128>,
+    /// The previous unit's reduce-scatter input (`reduce_scatter_state`).
+    pending_reduce: std::cell::Cell<u128>,
+    /// The current layer's unsharded gradients, and the root's.
+    layer_grads: std::cell::Cell<u128>,
+    root_grads: std::cell::Cell<u128>,
+    /// Layers whose parameters are still unsharded (reshard_after_forward = false).
+    unsharded_layers: std::cell::Cell<u128>,
+}
+
+use super::timeline::{Category, Timeline};
+
+impl FsdpWalk {
+    pub fn new(u: &FsdpUnits) -> FsdpWalk {
+        FsdpWalk {
+            u: u.clone(),
+            pending_gather: 0.into(),
+            pending_reduce: 0.into(),
+            layer_grads: 0.into(),
+            root_grads: 0.into(),
+            unsharded_layers: 0.into(),
+        }
+    }
+
+    /// `unshard()` + `wait_for_unshard()` in forward: the new all-gather buffer, then the one
+    /// held from the previous unit is freed, then the copy-out into the parameters; the new
+    /// buffer is held (`all_gather_state`). At N = 1 there is no buffer (the copy-out is made
+    /// from the shard directly). FSDP1 gathers into the flat parameter: one copy.
+    fn unshard_forward(&self, t: &mut Timeline, bytes: u128) {
+        if self.u.version == 2 && self.u.shards > 1 {
+            t.alloc(Category::GatheredParams, bytes);
+            t.free(Category::GatheredParams, self.pending_gather.take());
+            self.pending_gather.set(bytes);
+        }
+        t.alloc(Category::GatheredParams, bytes);
+    }
+
+    /// Root pre-forward: the root's parameters, kept to the end of backward.
+    pub fn forward_start(&self, t: &mut Timeline) {
+        self.unshard_forward(t, self.u.root);
+    }
+
+    /// A decoder layer's pre-forward.
+    pub fn layer_forward_pre(&self, t: &mut Timeline) {
+        self.unshard_forward(t, self.u.layer);
+    }
+
+    /// A decoder layer's post-forward: reshard (or keep it, reshard_after_forward = false).
+    pub fn layer_forward_post(&self, t: &mut Timeline) {
+        if self.u.reshard_after_forward {
+            t.free(Category::GatheredParams, self.u.layer);
+        } else {
+            self.unsharded_layers.set(self.unsharded_layers.get() + 1);
+        }
+    }
+
+    /// The root's post-forward, after the loss (`_fsdp_state.py` `_post_forward`, the
+    /// iteration's root): the last all-gather buffer held from forward is freed.
+    pub fn forward_end(&self, t: &mut Timeline) {
+        t.free(Category::GatheredParams, self.pending_gather.take());
+    }
+
+    /// The root's pre-backward (at the loss): prefetch the last layer's all-gather.
+    pub fn backward_start(&self, t: &mut Timeline) {
+        if self.u.reshard_after_forward && self.u.shards > 1 {
+            t.alloc(Category::GatheredParams, self.u.layer);
+            self.pending_gather.set(self.u.layer);
+        }
+    }
+
+    /// A decoder layer's pre-backward: copy out its parameters (the prefetched buffer is then
+    /// freed), and prefetch the previous layer's all-gather (none before layer 0: the root is
+    /// still unsharded).
+    pub fn layer_backward_pre(&self, t: &mut Timeline, first_layer: bool) {
+        if !self.u.reshard_after_forward {
+            return; // still unsharded from forward: nothing is gathered
+        }
+        let prefetched = self.pending_gather.take();
+        if self.u.version == 2 || prefetched == 0 {
+            // FSDP2 copies out of the buffer; FSDP1 (and N = 1) use it (or the shard) directly.
+            t.alloc(Category::GatheredParams, self.u.layer);
+        }
+        if self.u.version == 2 {
+            t.free(Category::GatheredParams, prefetched);
+        }
+        if !first_layer && self.u.shards > 1 {
+            t.alloc(Category::GatheredParams, self.u.layer);
+            self.pending_gather.set(self.u.layer);
+        }
+    }
+
+    /// An unsharded gradient of `bytes` (in the gathered dtype) of the current layer.
+    pub fn layer_grad(&self, t: &mut Timeline, bytes: u128) {
+        t.alloc(Category::Gradients, bytes);
+        self.layer_grads.set(self.layer_grads.get() + bytes);
+    }
+
+    /// An unsharded gradient of the root unit (lm_head, final norm, embedding).
+    pub fn root_grad(&self, t: &mut Timeline, bytes: u128) {
+        t.alloc(Category::Gradients, bytes);
+        self.root_grads.set(self.root_grads.get() + bytes);
+    }
+
+    fn reduce(&self, t: &mut Timeline, grads: u128) {
+        if grads == 0 {
+            return;
+        }
+        let u = &self.u;
+        let input = grads * u.reduce_elem / u.grad_elem.max(1);
+        let output = input.div_ceil(u.shards);
+        let kept = (grads * u.shard_elem / u.grad_elem.max(1)).div_ceil(u.shards);
+        // FSDP2 always copies into a reduce-scatter input; FSDP1 reduces the flat gradient in
+        // place unless it must be cast to reduce_dtype first.
+        let separate_input = u.version == 2 || u.reduce_elem != u.grad_elem;
+        t.free(Category::CommBuckets, self.pending_reduce.take());
+        if separate_input {
+            t.alloc(Category::CommBuckets, input);
+            t.free(Category::Gradients, grads);
+        }
+        // The output is the sharded gradient itself when its dtype is the parameters'
+        // (`foreach_reduce`: `as_strided` views); otherwise it is cast into a new tensor.
+        if u.reduce_elem == u.shard_elem && u.grads_on_gpu {
+            t.alloc(Category::Gradients, kept);
+        } else {
+            t.alloc(Category::CommBuckets, output);
+            if u.grads_on_gpu {
+                t.alloc(Category::Gradients, kept);
+            }
+            t.free(Category::CommBuckets, output);
+        }
+        if !separate_input {
+            t.free(Category::Gradients, grads);
+        } else if u.version == 2 {
+            self.pending_reduce.set(input); // held until the next unit's reduce
+        } else {
+            t.free(Category::CommBuckets, input);
+        }
+    }
+
+    /// A decoder layer's post-backward: reshard, reduce-scatter its gradients.
+    pub fn layer_backward_post(&self, t: &mut Timeline) {
+        t.free(Category::GatheredParams, self.u.layer);
+        if !self.u.reshard_after_forward {
+            self.unsharded_layers
+                .set(self.unsharded_layers.get().saturating_sub(1));
+        }
+        self.reduce(t, self.layer_grads.take());
+    }
+
+    /// The final callback: the root's post-backward (reshard, reduce-scatter), then the last
+    /// reduce-scatter input is released.
+    pub fn backward_end(&self, t: &mut Timeline) {
+        t.free(Category::GatheredParams, self.u.root);
+        t.free(Category::GatheredParams, self.pending_gather.take());
+        t.free(
+            Category::GatheredParams,
+            self.unsharded_layers.take() * self.u.layer,
+        );
+        self.reduce(t, self.root_grads.take());
+        t.free(Category::CommBuckets, self.pending_reduce.take());
+    }
+}
+
+/// The job whose forward and backward FSDP runs: with `MixedPrecisionPolicy(param_dtype)`
+/// narrower than the stored parameters, every module computes on the gathered 16-bit copies,
+/// so activations, logits and unsharded gradients are those of the pure 16-bit job (not
+/// autocast: nothing is kept in fp32 but what the 16-bit run keeps).
+pub fn walk_job(job: &Job) -> std::borrow::Cow<'_, Job> {
+    let fsdp = job
+        .sharding
+        .as_ref()
+        .is_some_and(|s| matches!(s.engine, Engine::Fsdp(_)));
+    if fsdp
+        && job.method != Method::Inference
+        && job.weights.is_float()
+        && job.compute.float_bytes() < job.weights.float_bytes()
+    {
+        let mut j = job.clone();
+        j.weights = job.compute;
+        std::borrow::Cow::Owned(j)
+    } else {
+        std::borrow::Cow::Borrowed(job)
+    }
+}
+
 /// Model-state bytes per GPU for a sharded job (the part DeepSpeed's estimators cover).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelStates {
@@ -357,8 +618,7 @@ fn unit_bytes(job: &Job, res: &Resident) -> (u128, u128, u128) {
     let c = m.param_counts();
     let dense = dense_param_bytes(job);
     let root = (c.embedding + c.lm_head + m.hidden) * dense;
-    let layer =
-        (res.weights + res.quant_constants + res.adapters).saturating_sub(root) / m.layers.max(1);
+    let layer = (res.weights + res.adapters).saturating_sub(root) / m.layers.max(1);
     // DeepSpeed gathers module by module: the largest is the embedding / lm_head or one Linear.
     let largest_module = (c.embedding * dense).max(
         job.weights
@@ -460,7 +720,9 @@ pub fn per_gpu(job: &Job, res: &Resident) -> PerGpu {
     let (root, layer, largest_module) = unit_bytes(job, res);
     if level >= 3 {
         p.weights = part(res.weights);
-        p.quant_constants = part(res.quant_constants);
+        // bitsandbytes' quantization constants live in `Params4bit.quant_state`, plain tensors
+        // that are no parameters: FSDP and ZeRO-3 leave them whole on every rank.
+        p.quant_constants = res.quant_constants;
         p.adapters = part(res.adapters);
         if offload_params {
             cpu += p.weights + p.quant_constants + p.adapters;
@@ -482,6 +744,32 @@ pub fn per_gpu(job: &Job, res: &Resident) -> PerGpu {
     }
     if trains && !sh.is_deepspeed() && level >= 2 {
         p.unsharded_grad_spike = true;
+    }
+    if trains && !sh.is_deepspeed() {
+        // The FSDP walk replaces the gathered working set and the gradient spike.
+        let walk = resident(&walk_job(job));
+        let elem = |r: &Resident| {
+            if r.trainable_params > 0 {
+                r.trainable_bytes.div_ceil(r.trainable_params)
+            } else {
+                1
+            }
+        };
+        let grad_elem = elem(&walk);
+        p.fsdp = Some(FsdpUnits {
+            version: sh.fsdp_version,
+            root: gathered_dtype(job, root),
+            layer: gathered_dtype(job, layer),
+            layers: job.model.layers,
+            reshard_after_forward: level >= 3,
+            grad_elem,
+            reduce_elem: sh.reduce_dtype.map_or(grad_elem, |d| d.float_bytes()),
+            shard_elem: elem(res),
+            shards: if level >= 2 { s } else { 1 },
+            grads_on_gpu: p.grads_on_gpu,
+        });
+        p.gathered = 0;
+        p.unsharded_grad_spike = false;
     }
     if trains && sh.is_deepspeed() {
         // The gradient reduction bucket: up to reduce_bucket_size elements of 16-bit gradients.
@@ -526,7 +814,10 @@ pub fn model_states(job: &Job) -> ModelStates {
             } else {
                 0
             },
-        gathered_bytes: p.gathered,
+        gathered_bytes: p
+            .fsdp
+            .as_ref()
+            .map_or(p.gathered, FsdpUnits::largest_gathered),
     }
 }
 
