@@ -30,7 +30,9 @@ use crate::dtype::Precision;
 use crate::method::{Attention, Job, Method};
 use crate::model::{Linear, LinearKind};
 
-use super::resident::{dense_param_bytes, ADAPTER_BYTES};
+use super::resident::dense_param_bytes;
+// FSDP-HOOK(m): the adapter dtype is FSDP's param_dtype under mixed precision (sharding.rs).
+use super::sharding::adapter_bytes;
 
 /// Dtypes of the tensors flowing through the model, in bytes per element.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -111,6 +113,7 @@ fn consumers(job: &Job, dt: &Dtypes, input_bytes: u128, modules: &[Linear]) -> C
         saves_shared: false,
     };
     let lora = job.lora.as_ref();
+    let adapter = adapter_bytes(job);
     for m in modules {
         let n = m.in_features * m.copies_per_token_num() / m.tokens_den;
         if job.method == Method::Full {
@@ -125,13 +128,13 @@ fn consumers(job: &Job, dt: &Dtypes, input_bytes: u128, modules: &[Linear]) -> C
         } else if let Some(l) = lora.filter(|l| l.targets.contains(&m.kind)) {
             // lora_B (a trainable nn.Linear) saves its input: lora_A's fp32 output, r wide.
             let tokens = m.copies_per_token_num() / m.tokens_den.max(1);
-            c.own_copies += ADAPTER_BYTES * l.rank * tokens.max(1);
+            c.own_copies += adapter * l.rank * tokens.max(1);
             if l.dropout > 0.0 {
-                c.own_copies += (ADAPTER_BYTES + 1) * n;
-            } else if input_bytes == ADAPTER_BYTES && m.copies == 1 {
+                c.own_copies += (adapter + 1) * n;
+            } else if input_bytes == adapter && m.copies == 1 {
                 c.saves_shared = true;
             } else {
-                c.own_copies += ADAPTER_BYTES * n;
+                c.own_copies += adapter * n;
             }
         }
     }
@@ -163,8 +166,10 @@ fn module_bwd_transient(job: &Job, dt: &Dtypes, m: &Linear, tokens: u128) -> u12
     if lora_targeted {
         // fp32 gradient of the LoRA sum, its 16-bit cast for the base (when the output is not
         // fp32), the scaled copy for lora_B, and lora_A's fp32 input gradient.
-        let cast = if dt.linear_out == 4 { 0 } else { dt.linear_out };
-        t += share((4 + cast + 4) * m.out_features) + share(4 * m.in_features);
+        // (In the adapter dtype: fp32, or FSDP's param_dtype, FSDP-HOOK(m).)
+        let a = adapter_bytes(job);
+        let cast = if dt.linear_out == a { 0 } else { dt.linear_out };
+        t += share((a + cast + a) * m.out_features) + share(a * m.in_features);
     }
     t + dequantized_weight(job, dt, m)
 }
@@ -197,7 +202,7 @@ fn trainable_grads(job: &Job, modules: &[Linear], norm_params: u128) -> u128 {
                         .as_ref()
                         .is_some_and(|l| l.targets.contains(&m.kind))
                 })
-                .map(|m| r * (m.in_features + m.out_features) * m.copies * ADAPTER_BYTES)
+                .map(|m| r * (m.in_features + m.out_features) * m.copies * adapter_bytes(job))
                 .sum()
         }
         Method::Inference => 0,

@@ -55,7 +55,7 @@ use crate::dtype::Precision;
 use crate::error::Error;
 use crate::method::{Job, Method};
 
-use super::resident::{dense_param_bytes, resident, Resident};
+use super::resident::{dense_param_bytes, resident, Resident, ADAPTER_BYTES};
 
 /// The engine and its sharding strategy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -113,6 +113,10 @@ pub struct Sharding {
     /// dtype gradients are reduce-scattered in. `None` is torch's default, the gathered
     /// parameters' dtype (and what accelerate builds from `mixed_precision`).
     pub reduce_dtype: Option<Precision>,
+    /// FSDP `MixedPrecisionPolicy.param_dtype` when it narrows the stored parameters (fp32
+    /// weights, 16-bit compute): set on the job [`walk_job`] returns, so that the walk sees
+    /// every gathered parameter, LoRA adapters included, in that dtype.
+    pub mixed_param_dtype: Option<Precision>,
 }
 
 impl Sharding {
@@ -127,6 +131,7 @@ impl Sharding {
             prefetch_bucket: DEFAULT_PREFETCH_BUCKET,
             fsdp_version: 2,
             reduce_dtype: None,
+            mixed_param_dtype: None,
         }
     }
 
@@ -597,10 +602,23 @@ pub fn walk_job(job: &Job) -> std::borrow::Cow<'_, Job> {
     {
         let mut j = job.clone();
         j.weights = job.compute;
+        if let Some(s) = j.sharding.as_mut() {
+            s.mixed_param_dtype = Some(job.compute);
+        }
         std::borrow::Cow::Owned(j)
     } else {
         std::borrow::Cow::Borrowed(job)
     }
+}
+
+/// Bytes per LoRA adapter element as the step computes with it: fp32 as peft stores it
+/// (`ADAPTER_BYTES`), or FSDP's gathered `param_dtype` under mixed precision (peft then casts
+/// the input to that dtype, i.e. not at all).
+pub fn adapter_bytes(job: &Job) -> u128 {
+    job.sharding
+        .as_ref()
+        .and_then(|s| s.mixed_param_dtype)
+        .map_or(ADAPTER_BYTES, |d| d.float_bytes())
 }
 
 /// Model-state bytes per GPU for a sharded job (the part DeepSpeed's estimators cover).
@@ -746,16 +764,14 @@ pub fn per_gpu(job: &Job, res: &Resident) -> PerGpu {
         p.unsharded_grad_spike = true;
     }
     if trains && !sh.is_deepspeed() {
-        // The FSDP walk replaces the gathered working set and the gradient spike.
-        let walk = resident(&walk_job(job));
-        let elem = |r: &Resident| {
-            if r.trainable_params > 0 {
-                r.trainable_bytes.div_ceil(r.trainable_params)
-            } else {
-                1
-            }
+        // The FSDP walk replaces the gathered working set and the gradient spike. Unsharded
+        // gradients are in the gathered dtype, sharded ones in the stored dtype.
+        let walk = walk_job(job);
+        let (grad_elem, shard_elem) = if job.method == Method::Full {
+            (dense_param_bytes(&walk), dense_param_bytes(job))
+        } else {
+            (adapter_bytes(&walk), ADAPTER_BYTES)
         };
-        let grad_elem = elem(&walk);
         p.fsdp = Some(FsdpUnits {
             version: sh.fsdp_version,
             root: gathered_dtype(job, root),
@@ -764,7 +780,7 @@ pub fn per_gpu(job: &Job, res: &Resident) -> PerGpu {
             reshard_after_forward: level >= 3,
             grad_elem,
             reduce_elem: sh.reduce_dtype.map_or(grad_elem, |d| d.float_bytes()),
-            shard_elem: elem(res),
+            shard_elem,
             shards: if level >= 2 { s } else { 1 },
             grads_on_gpu: p.grads_on_gpu,
         });
@@ -950,6 +966,55 @@ mod tests {
         );
         h.sharding.as_mut().unwrap().nodes = 2;
         assert_eq!(model_states(&h).params_bytes, (2 * P).div_ceil(4));
+    }
+
+    #[test]
+    fn fsdp2_walk_holds_buffers_as_fully_shard_does() {
+        // Root 100 B, layers 10 B, 4 ranks, bf16 gradients reduced in fp32, fp32 shards.
+        let u = FsdpUnits {
+            version: 2,
+            root: 100,
+            layer: 10,
+            layers: 2,
+            reshard_after_forward: true,
+            grad_elem: 2,
+            reduce_elem: 4,
+            shard_elem: 4,
+            shards: 4,
+            grads_on_gpu: true,
+        };
+        let w = FsdpWalk::new(&u);
+        let mut t = Timeline::new();
+        let g = |t: &Timeline| t.live(Category::GatheredParams);
+        w.forward_start(&mut t);
+        assert_eq!(g(&t), 200); // all-gather buffer (held) + the root's copy
+        w.layer_forward_pre(&mut t);
+        assert_eq!(g(&t), 120); // root + layer 0's buffer and copy
+        assert_eq!(t.peak(), 210); // both buffers for a moment
+        w.layer_forward_post(&mut t);
+        w.layer_forward_pre(&mut t);
+        w.layer_forward_post(&mut t);
+        assert_eq!(g(&t), 110); // root + the last buffer
+        w.forward_end(&mut t);
+        w.backward_start(&mut t);
+        assert_eq!(g(&t), 110); // root + last layer prefetched
+        w.root_grad(&mut t, 40);
+        w.layer_backward_pre(&mut t, false);
+        assert_eq!(g(&t), 120); // root + layer 1 + layer 0 prefetched
+        w.layer_grad(&mut t, 8);
+        w.layer_backward_post(&mut t);
+        // Layer 1: fp32 reduce-scatter input (16 B) held; its fp32 shard 8·4/2/4 = 4 B kept.
+        assert_eq!(t.live(Category::CommBuckets), 16);
+        assert_eq!(t.live(Category::Gradients), 40 + 4);
+        w.layer_backward_pre(&mut t, true);
+        assert_eq!(g(&t), 110); // nothing to prefetch before layer 0
+        w.layer_grad(&mut t, 8);
+        w.layer_backward_post(&mut t);
+        w.backward_end(&mut t);
+        // Root: 40 B bf16 → 80 B fp32 input beside the 40 B gradient, then a 20 B shard.
+        assert_eq!(g(&t), 0);
+        assert_eq!(t.live(Category::CommBuckets), 0);
+        assert_eq!(t.live(Category::Gradients), 4 + 4 + 20);
     }
 
     #[test]
