@@ -57,6 +57,10 @@ fn load_cases() -> Vec<Case> {
             if r["fsdp"]["reduce_dtype"] == "fp32" && r["fsdp"]["param_dtype"] == "bf16" {
                 sh.reduce_dtype = Some(Precision::Fp32);
             }
+            // Traced both ways: the root given reshard_after_forward=True, or torch's None.
+            sh.root_reshard_after_forward = r["fsdp"]
+                .get("root_reshard_after_forward")
+                .is_none_or(|v| v.as_bool().unwrap());
             job.sharding = Some(sh);
             Case {
                 id: r["id"].as_str().unwrap().to_string(),

@@ -289,8 +289,20 @@ fn train_step(job: &Job, sh: &PerGpu, t: &mut Timeline) -> StepExplain {
             t.alloc(Category::Activations, this.saved());
         }
         t.spike(Category::Temporaries, this.mlp_bwd_transient);
-        t.free(Category::Activations, this.mlp_saved);
+        // FSDP-HOOK(n): the post-attention RMSNorm's backward runs after the MLP's, on its
+        // saved fp32 input: four fp32 b·s·h temporaries (pow, mul, div and mul of the
+        // derivative of `x * rsqrt(mean(x²) + eps)`, traced) beside the incoming gradient,
+        // while the MLP's fresh weight gradients are alive and before the norm's own saved
+        // tensors are released. It sets the peak of FSDP steps with small vocabularies
+        // (Mistral, tests/fsdp_reference.rs).
+        let norm_saved = (tokens * norm_saved_per_token(job, &dt, m.hidden)).min(this.mlp_saved);
+        t.free(Category::Activations, this.mlp_saved - norm_saved);
         grad(t, this.mlp_grads);
+        t.spike(
+            Category::Temporaries,
+            tokens * (16 + dt.residual) * m.hidden,
+        );
+        t.free(Category::Activations, norm_saved);
         t.spike(Category::Temporaries, this.attn_bwd_transient);
         t.free(Category::Activations, this.attn_saved);
         grad(t, this.attn_grads);

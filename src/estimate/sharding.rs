@@ -117,6 +117,9 @@ pub struct Sharding {
     /// weights, 16-bit compute): set on the job [`walk_job`] returns, so that the walk sees
     /// every gathered parameter, LoRA adapters included, in that dtype.
     pub mixed_param_dtype: Option<Precision>,
+    /// FSDP2: the root's `fully_shard` is given `reshard_after_forward=True` (not torch's
+    /// default `None`, which keeps the root gathered from forward to backward).
+    pub root_reshard_after_forward: bool,
 }
 
 impl Sharding {
@@ -132,6 +135,7 @@ impl Sharding {
             fsdp_version: 2,
             reduce_dtype: None,
             mixed_param_dtype: None,
+            root_reshard_after_forward: false,
         }
     }
 
@@ -368,6 +372,9 @@ pub struct FsdpUnits {
     pub layers: u128,
     /// `reshard_after_forward` (FSDP2) / not `SHARD_GRAD_OP` (FSDP1).
     pub reshard_after_forward: bool,
+    /// The root unit is resharded after forward too (FSDP2 when `reshard_after_forward=True`
+    /// is passed to the root's `fully_shard`; torch's default `None` keeps it).
+    pub root_reshard_after_forward: bool,
     /// Bytes of an unsharded gradient element (the gathered dtype) and of a reduce-scatter
     /// element (`reduce_dtype`, default the gathered dtype), and of the kept sharded gradient
     /// (the stored parameter dtype).
@@ -480,13 +487,24 @@ impl FsdpWalk {
     }
 
     /// The root's post-forward, after the loss (`_fsdp_state.py` `_post_forward`, the
-    /// iteration's root): the last all-gather buffer held from forward is freed.
+    /// iteration's root): the root is resharded if asked to, then the last all-gather buffer
+    /// held from forward is freed.
     pub fn forward_end(&self, t: &mut Timeline) {
+        if self.u.root_reshard_after_forward {
+            t.free(Category::GatheredParams, self.u.root);
+        }
         t.free(Category::GatheredParams, self.pending_gather.take());
     }
 
-    /// The root's pre-backward (at the loss): prefetch the last layer's all-gather.
+    /// The root's pre-backward (at the loss): re-gather a resharded root (buffer, copy-out,
+    /// buffer freed), then prefetch the last layer's all-gather.
     pub fn backward_start(&self, t: &mut Timeline) {
+        if self.u.root_reshard_after_forward {
+            let buffer = if self.u.shards > 1 { self.u.root } else { 0 };
+            t.alloc(Category::GatheredParams, buffer);
+            t.alloc(Category::GatheredParams, self.u.root);
+            t.free(Category::GatheredParams, buffer);
+        }
         if self.u.reshard_after_forward && self.u.shards > 1 {
             t.alloc(Category::GatheredParams, self.u.layer);
             self.pending_gather.set(self.u.layer);
@@ -743,9 +761,9 @@ pub fn per_gpu(job: &Job, res: &Resident) -> PerGpu {
         p.quant_constants = res.quant_constants;
         p.adapters = part(res.adapters);
         if offload_params {
-            cpu += p.weights + p.quant_constants + p.adapters;
+            // Only parameters move to the CPU; the quantization constants stay on the GPU.
+            cpu += p.weights + p.adapters;
             p.weights = 0;
-            p.quant_constants = 0;
             p.adapters = 0;
         }
         p.gathered = if sh.is_deepspeed() {
@@ -777,6 +795,9 @@ pub fn per_gpu(job: &Job, res: &Resident) -> PerGpu {
             root: gathered_dtype(job, root),
             layer: gathered_dtype(job, layer),
             layers: job.model.layers,
+            root_reshard_after_forward: sh.fsdp_version == 2
+                && level >= 3
+                && sh.root_reshard_after_forward,
             reshard_after_forward: level >= 3,
             grad_elem,
             reduce_elem: sh.reduce_dtype.map_or(grad_elem, |d| d.float_bytes()),
@@ -977,6 +998,7 @@ mod tests {
             layer: 10,
             layers: 2,
             reshard_after_forward: true,
+            root_reshard_after_forward: false,
             grad_elem: 2,
             reduce_elem: 4,
             shard_elem: 4,

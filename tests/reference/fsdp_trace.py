@@ -234,7 +234,11 @@ def run(case, world_pg_initialized=[False]):
     if n:
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=rafw)
-        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=rafw)
+        # The root: torch's default (None) never reshards it after forward; passing the
+        # layers' value reshards it too (and re-gathers it at the start of backward).
+        root = case.get("root_reshard")
+        kw = {} if root is None else {"reshard_after_forward": root}
+        fully_shard(model, mesh=mesh, mp_policy=mp, **kw)
 
     tr = LiveBytes()
     TRACKER = tr
@@ -274,7 +278,8 @@ def run(case, world_pg_initialized=[False]):
     mixed = case["mp"] or case["params"] == "bf16"
     rec["fsdp"] = {"world_size": n, "param_dtype": "bf16" if mixed else "fp32",
                    "reduce_dtype": "fp32" if case["mp"] else case["params"],
-                   "reshard_after_forward": rafw}
+                   "reshard_after_forward": rafw,
+                   "root_reshard_after_forward": bool(case.get("root_reshard"))}
     rec["config"] = {k: v for k, v in cfg.to_dict().items()
                      if k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                               "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -307,6 +312,8 @@ def case_id(c):
         parts.append(f"L{c['layers']}")
     if not c.get("reshard_after_forward", True):
         parts.append("noreshard")
+    if not c.get("root_reshard"):
+        parts.append("rootkept")
     return "|".join(parts)
 
 
@@ -324,7 +331,23 @@ def grid(seq):
                 for gc in (False, True):
                     for n in ns:
                         cases.append(dict(model=model, layers=layers, world_size=n, method=method,
-                                          params=params, mp=mp, grad_ckpt=gc, batch=1, seq=seq))
+                                          params=params, mp=mp, grad_ckpt=gc, batch=1, seq=seq,
+                                          root_reshard=True))
+    return cases
+
+
+def grid_root_kept(seq):
+    """torch's default for the root (reshard_after_forward=None: never resharded): full,
+    N ∈ {2, 8}, and LoRA at N = 8."""
+    cases = []
+    for method, ns in (("full", (2, 8)), ("lora", (8,))):
+        for model, layers in LAYERS.items():
+            for params, mp in (("bf16", False), ("fp32", True)):
+                for gc in (False, True):
+                    for n in ns:
+                        cases.append(dict(model=model, layers=layers, world_size=n, method=method,
+                                          params=params, mp=mp, grad_ckpt=gc, batch=1, seq=seq,
+                                          root_reshard=None))
     return cases
 
 
@@ -349,6 +372,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--grid", action="store_true", help="trace every case of grid() into --out")
+    ap.add_argument("--root-kept", action="store_true", help="with --grid: grid_root_kept()")
     ap.add_argument("--check-n1", action="store_true")
     ap.add_argument("--only", default="", help="with --grid: case ids containing this")
     ap.add_argument("--model", default="llama3.2-1b")
@@ -367,7 +391,7 @@ def main():
         done = set()
         if a.out and os.path.exists(a.out):
             done = {json.loads(l)["id"] for l in open(a.out) if l.strip()}
-        for c in grid(a.seq):
+        for c in (grid_root_kept if a.root_kept else grid)(a.seq):
             if a.only not in case_id(c) or case_id(c) in done:
                 continue
             r = run(c)
