@@ -60,7 +60,7 @@ fn load_cases() -> Vec<Case> {
             // Traced both ways: the root given reshard_after_forward=True, or torch's None.
             sh.root_reshard_after_forward = r["fsdp"]
                 .get("root_reshard_after_forward")
-                .is_none_or(|v| v.as_bool().unwrap());
+                .map_or(true, |v| v.as_bool().unwrap());
             job.sharding = Some(sh);
             Case {
                 id: r["id"].as_str().unwrap().to_string(),
