@@ -23,7 +23,10 @@
 //!   hybrid sharding from its parallelism config (`parallelism_config_dp_replicate_size` nodes ×
 //!   `parallelism_config_dp_shard_size` GPUs per node); backward/forward prefetch,
 //!   `sync_module_states` and `use_orig_params` are FSDP1-only. With `fsdp_version: 1` the
-//!   strategy is the `ShardingStrategy` name in `fsdp_reshard_after_forward`. Multi-node files
+//!   strategy is the `ShardingStrategy` name, written as both `fsdp_reshard_after_forward`
+//!   (what `accelerate config` writes) and `fsdp_sharding_strategy`: `accelerate launch` always
+//!   exports `FSDP_SHARDING_STRATEGY` (default `FULL_SHARD`, `commands/launch.py`), which the
+//!   FSDP1 plugin then prefers (checked with `tests/reference/check_emitted.py`). Multi-node files
 //!   carry `main_process_ip` / `main_process_port` placeholders and say to set `machine_rank`
 //!   per node. accelerate's file has no batch fields: micro-batch and gradient accumulation are
 //!   written as a comment for the training script. The YAML is written by hand (serde_yaml is
@@ -243,6 +246,7 @@ pub fn accelerate_config(job: &Job, global_batch: Option<u128>) -> Result<String
   fsdp_forward_prefetch: false
   fsdp_offload_params: {offload}
   fsdp_reshard_after_forward: '{strategy}'
+  fsdp_sharding_strategy: '{strategy}'
   fsdp_state_dict_type: 'SHARDED_STATE_DICT'
   fsdp_sync_module_states: true
   fsdp_transformer_layer_cls_to_wrap: '{class}'
@@ -429,6 +433,7 @@ mod tests {
         let v1 = y(FsdpStrategy::HybridShard, 2, 1);
         assert!(v1.contains("  fsdp_reshard_after_forward: 'HYBRID_SHARD'\n"));
         assert!(v1.contains("  fsdp_version: 1\n"));
+        assert!(v1.contains("  fsdp_sharding_strategy: 'HYBRID_SHARD'\n"));
         assert!(!v1.contains("parallelism_config"));
     }
 
