@@ -30,7 +30,7 @@ pub enum Error {
     #[error("{path}: field `{field}` {problem}")]
     ConfigField {
         path: PathBuf,
-        field: &'static str,
+        field: String,
         problem: String,
     },
 
@@ -49,6 +49,30 @@ pub enum Error {
 
     #[error("invalid preset file {path}: {message}")]
     Preset { path: String, message: String },
+}
+
+/// Reads a user-supplied file that must be a regular file of at most `limit` bytes (a FIFO
+/// would block forever, `/dev/zero` would never end).
+pub fn read_regular_file(path: &std::path::Path, limit: u64) -> Result<String, Error> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_file() {
+        return Err(Error::Unsupported(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    if meta.len() > limit {
+        return Err(Error::Unsupported(format!(
+            "{} is {} bytes, more than the {limit} memplan reads",
+            path.display(),
+            meta.len()
+        )));
+    }
+    std::fs::read_to_string(path).map_err(io)
 }
 
 /// A preset found by its name or one of its aliases, case-insensitively.

@@ -11,6 +11,8 @@
 //! assert!(est.peak_allocated_bytes.gib() > 10.0 && est.peak_allocated_bytes.gib() < 30.0);
 //! ```
 
+pub mod alloc;
+pub mod arch;
 pub mod chart;
 pub mod cost;
 pub mod dtype;

@@ -16,9 +16,10 @@
 //!   momentum keeps one buffer; transformers' Adafactor keeps factored row/column second moments
 //!   (fp32) for matrices and a full one for vectors.
 
+use crate::arch::{Module, OpKind, Param, ParamRole, Proj};
 use crate::dtype::Precision;
 use crate::method::{Job, Method, Optimizer};
-use crate::model::Linear;
+use crate::model::LinearKind;
 
 /// Bytes of the resident state, by kind, plus element counts the rest of the model needs.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -26,6 +27,8 @@ pub struct Resident {
     pub weights: u128,
     pub quant_constants: u128,
     pub adapters: u128,
+    /// Adapter elements, including adapters that get no gradient (a vision tower's).
+    pub adapter_params: u128,
     /// Trainable parameters (elements).
     pub trainable_params: u128,
     /// Bytes of one copy of the trainable parameters in their own dtype (= gradient bytes).
@@ -50,10 +53,13 @@ pub struct ResidentExplain {
     pub optimizer: String,
 }
 
-/// A trainable tensor: shape (rows × cols; vectors have one row) and bytes per element.
+/// A trainable tensor: shape (a batch of rows × cols matrices; vectors have one row) and bytes
+/// per element.
 #[derive(Debug, Clone, Copy)]
 struct Tensor {
     numel: u128,
+    /// Matrices stacked in the tensor (E for fused experts, else 1).
+    batch: u128,
     rows: u128,
     bytes: u128,
 }
@@ -62,13 +68,14 @@ impl Tensor {
     fn matrix(rows: u128, cols: u128, bytes: u128) -> Tensor {
         Tensor {
             numel: rows * cols,
+            batch: 1,
             rows,
             bytes,
         }
     }
 
     fn cols(&self) -> u128 {
-        self.numel / self.rows.max(1)
+        self.numel / (self.rows * self.batch).max(1)
     }
 }
 
@@ -86,15 +93,183 @@ pub fn dense_param_bytes(job: &Job) -> u128 {
 /// Bytes per adapter element: fp32 unless the base itself is fp32 (also fp32).
 pub const ADAPTER_BYTES: u128 = 4;
 
-pub fn lora_modules(job: &Job) -> Vec<Linear> {
-    match &job.lora {
-        None => Vec::new(),
-        Some(l) => job
-            .model
-            .layer_linears()
-            .into_iter()
-            .filter(|m| l.targets.contains(&m.kind))
-            .collect(),
+/// One adapted weight: LoRA A and B, in how many layers, and whether it gets gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoraModule {
+    pub name: &'static str,
+    pub in_f: u128,
+    pub out_f: u128,
+    /// Elements of A and B per layer.
+    pub a_params: u128,
+    pub b_params: u128,
+    /// Layers (or modules) holding it.
+    pub count: u128,
+    /// peft `lora.ParamWrapper` on a fused parameter (refuses dropout).
+    pub param_wrapper: bool,
+    /// In the graph of a text-only step (a vision tower's adapters are not).
+    pub trains: bool,
+}
+
+impl LoraModule {
+    fn linear(name: &'static str, in_f: u128, out_f: u128, r: u128, count: u128) -> LoraModule {
+        LoraModule {
+            name,
+            in_f,
+            out_f,
+            a_params: r * in_f,
+            b_params: out_f * r,
+            count,
+            param_wrapper: false,
+            trains: true,
+        }
+    }
+}
+
+/// Whether peft puts a `lora.Linear` on a decoder projection: its kind is targeted and it is an
+/// `nn.Linear` (or subclass); in model types whose MoE names peft converts, gate/up/down_proj
+/// names go to the experts' `target_parameters` instead, so no Linear of those names keeps one.
+pub fn adapts_linear(job: &Job, p: &Proj) -> bool {
+    let Some(l) = &job.lora else {
+        return false;
+    };
+    if !matches!(job.method, Method::Lora | Method::Qlora) || !l.targets.contains(&p.kind) {
+        return false;
+    }
+    match p.module {
+        Module::Param => false,
+        Module::Linear | Module::LinearSubclass => {
+            !(job.model.recipe.peft_moe_conversion
+                && matches!(p.kind, LinearKind::Gate | LinearKind::Up | LinearKind::Down))
+        }
+    }
+}
+
+/// The fused expert parameters (and router weight) peft adapts through `target_parameters`
+/// in model types it converts: (gate_up rank multiplier, down, router).
+pub fn adapted_expert_params(job: &Job) -> (u128, bool, bool) {
+    let Some(l) = &job.lora else {
+        return (0, false, false);
+    };
+    if !job.model.recipe.peft_moe_conversion || job.quantize_experts {
+        return (0, false, false);
+    }
+    let t = |k| l.targets.contains(&k);
+    // Both halves named: `rank_pattern[".*\\.gate_up_proj"] = 2r`.
+    let gate_up = match (
+        t(LinearKind::Gate),
+        t(LinearKind::Up),
+        t(LinearKind::GateUp),
+    ) {
+        (true, true, _) => 2,
+        (true, false, _) | (false, true, _) | (_, _, true) => 1,
+        _ => 0,
+    };
+    (gate_up, t(LinearKind::Down), t(LinearKind::Router))
+}
+
+/// Every adapted weight of the model (peft 0.21 with transformers 5.17: `lora.Linear` on
+/// targeted `nn.Linear` modules except the output layer, vision towers included; `ParamWrapper`
+/// on fused experts and routers where peft converts MoE names). With `--quantize-experts` the
+/// experts are per-expert Linear4bit modules (transformers 4.x layout), each adapted like any
+/// Linear.
+pub fn lora_modules(job: &Job) -> Vec<LoraModule> {
+    let Some(l) = &job.lora else {
+        return Vec::new();
+    };
+    let r = l.rank;
+    let recipe = &job.model.recipe;
+    let (gate_up_mult, down, router) = adapted_expert_params(job);
+    let mut out = Vec::new();
+    for (k, n) in recipe.kind_counts().into_iter().enumerate() {
+        if n == 0 {
+            continue;
+        }
+        for op in &recipe.kinds[k].ops {
+            match &op.kind {
+                OpKind::Linear(p) if adapts_linear(job, p) => {
+                    out.push(LoraModule::linear(p.name, p.in_f, p.out_f, r, n))
+                }
+                OpKind::Router(rt) if adapts_linear(job, &rt.proj) => out.push(LoraModule::linear(
+                    "router",
+                    rt.proj.in_f,
+                    rt.proj.out_f,
+                    r,
+                    n,
+                )),
+                OpKind::Router(rt) if router && rt.proj.module == Module::Param => {
+                    // A 2-D ParamWrapper: A [r, h], B [E, r].
+                    let mut m = LoraModule::linear("router", rt.proj.in_f, rt.proj.out_f, r, n);
+                    m.param_wrapper = true;
+                    out.push(m);
+                }
+                OpKind::Experts(e) => {
+                    let (h, i, ex) = (e.hidden, e.inter, e.experts);
+                    if job.quantize_experts {
+                        // One Linear per expert and projection (gate, up: h → i; down: i → h).
+                        for (kind, name, inf, outf) in [
+                            (LinearKind::Gate, "experts.gate_proj", h, i),
+                            (LinearKind::Up, "experts.up_proj", h, i),
+                            (LinearKind::Down, "experts.down_proj", i, h),
+                        ] {
+                            if l.targets.contains(&kind) {
+                                out.push(LoraModule::linear(name, inf, outf, r, n * ex));
+                            }
+                        }
+                        continue;
+                    }
+                    // ParamWrapper on a 3-D [E, d1, d2] parameter: A (in → r·E), B (r·E → out):
+                    // r_eff · E · (d1 + d2) elements.
+                    for (mult, name, d1, d2) in [
+                        (gate_up_mult, "experts.gate_up_proj", 2 * i, h),
+                        (u128::from(down), "experts.down_proj", h, i),
+                    ] {
+                        if mult > 0 {
+                            let re = mult * r;
+                            out.push(LoraModule {
+                                name,
+                                in_f: d2,
+                                out_f: d1,
+                                a_params: re * ex * d2,
+                                b_params: re * ex * d1,
+                                count: n,
+                                param_wrapper: true,
+                                trains: true,
+                            });
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let all_linear = l.targets == crate::method::all_linear();
+    for (p, n) in &recipe.vision {
+        if let ParamRole::VisionLinear(kind) = p.role {
+            // all-linear reaches the vision tower's nn.Linear layers too, and a target list
+            // reaches those of the same name; they never run on a text-only batch, so their
+            // adapters get no gradient (and no optimizer state).
+            if all_linear || kind.is_some_and(|k| l.targets.contains(&k)) {
+                let mut m = LoraModule::linear(p.name, p.cols, p.rows, r, *n);
+                m.trains = false;
+                out.push(m);
+            }
+        }
+    }
+    out
+}
+
+/// Whether a parameter is stored quantized under `job` (bitsandbytes replaces `nn.Linear`
+/// only; fused experts only with `--quantize-experts`, one expert at a time).
+fn quantized(job: &Job, p: &Param) -> bool {
+    if !matches!(job.weights, Precision::Nf4 | Precision::Int8) {
+        return false;
+    }
+    match p.role {
+        ParamRole::LinearWeight(_) | ParamRole::VisionLinear(_) => true,
+        ParamRole::ParamWeight(k) => {
+            job.quantize_experts && k != LinearKind::Router && p.copies > 1
+        }
+        _ => false,
     }
 }
 
@@ -104,40 +279,53 @@ pub fn resident(job: &Job) -> Resident {
     let dense_bytes = dense_param_bytes(job);
     let mut r = Resident::default();
     let mut trainable: Vec<Tensor> = Vec::new();
+    let params = m.recipe.params();
 
     // Base weights.
-    let nonlinear = counts.embedding + counts.lm_head + counts.other;
-    let (lin_data, lin_consts) = job.model.layer_linears().iter().fold((0, 0), |acc, l| {
-        let (d, c) =
-            job.weights
-                .storage_bytes(l.out_features * l.copies, l.in_features, job.double_quant);
-        (acc.0 + d * m.layers, acc.1 + c * m.layers)
-    });
-    r.weights = lin_data + nonlinear * dense_bytes;
-    r.quant_constants = lin_consts;
+    let (mut q_data, mut q_consts, mut q_params, mut dense_params) = (0, 0, 0, 0);
+    for (p, n) in &params {
+        if quantized(job, p) {
+            let (d, c) = job.weights.storage_bytes(p.rows, p.cols, job.double_quant);
+            q_data += d * p.copies * n;
+            q_consts += c * p.copies * n;
+            q_params += p.numel() * n;
+        } else {
+            dense_params += p.numel() * n;
+        }
+    }
+    r.weights = q_data + dense_params * dense_bytes;
+    r.quant_constants = q_consts;
     r.explain.weights = match job.weights {
         Precision::Nf4 | Precision::Int8 => format!(
-            "{} decoder Linear weights in {} = {} B; embeddings, norms{} ({} params) in {}-bit = {} B (bitsandbytes replaces nn.Linear only; transformers skips lm_head)",
-            counts.linear_weights,
+            "{q_params} decoder weights in {} = {q_data} B; embeddings, norms, biases{}{} ({dense_params} params) in {}-bit = {} B (bitsandbytes replaces nn.Linear only; transformers skips lm_head){}",
             job.weights,
-            lin_data,
             if counts.lm_head > 0 { ", lm_head" } else { "" },
-            nonlinear,
+            if m.moe.is_some() && !job.quantize_experts { ", fused experts and routers" } else { "" },
             dense_bytes * 8,
-            nonlinear * dense_bytes
+            dense_params * dense_bytes,
+            if m.moe.is_some() {
+                if job.quantize_experts {
+                    "; experts quantized one by one (--quantize-experts, as transformers 4.x did)"
+                } else {
+                    "; transformers 5 holds the experts as fused 3-D nn.Parameters, which bitsandbytes leaves in 16 bit (--quantize-experts quantizes them per expert)"
+                }
+            } else {
+                ""
+            }
         ),
         w => format!(
-            "{} params × {} B ({w}); counts from the config by the transformers module layout (embedding, q/k/v/o, gate/up/down, norms, lm_head)",
+            "{} params × {} B ({w}); counts from the {} recipe (every parameter of its transformers module layout)",
             counts.total,
-            w.float_bytes()
+            w.float_bytes(),
+            m.recipe.class
         ),
     };
     r.explain.quant_constants = match job.weights {
         Precision::Nf4 if job.double_quant => format!(
-            "NF4 absmax per 64-block as uint8 + fp32 per 256 absmax blocks (double quantization): {lin_consts} B ≈ 0.127 bit/param"
+            "NF4 absmax per 64-block as uint8 + fp32 per 256 absmax blocks (double quantization): {q_consts} B ≈ 0.127 bit/param"
         ),
-        Precision::Nf4 => format!("NF4 fp32 absmax per 64-block: {lin_consts} B = 0.5 bit/param"),
-        Precision::Int8 => format!("LLM.int8 fp32 scale per output row: {lin_consts} B"),
+        Precision::Nf4 => format!("NF4 fp32 absmax per 64-block: {q_consts} B = 0.5 bit/param"),
+        Precision::Int8 => format!("LLM.int8 fp32 scale per output row: {q_consts} B"),
         _ => "none (float storage)".into(),
     };
 
@@ -145,48 +333,59 @@ pub fn resident(job: &Job) -> Resident {
     match job.method {
         Method::Full => {
             // Per-tensor sizes matter only for 8-bit optimizer blocks and Adafactor; list them.
-            for l in job.model.layer_linears() {
-                for _ in 0..l.copies {
-                    for _ in 0..m.layers {
-                        trainable.push(Tensor::matrix(l.out_features, l.in_features, dense_bytes));
-                        if l.bias {
-                            trainable.push(Tensor::matrix(1, l.out_features, dense_bytes));
-                        }
-                    }
+            for (p, n) in &params {
+                // A vision tower is never in a text-only step's graph: no gradient, no state.
+                if matches!(p.role, ParamRole::VisionLinear(_) | ParamRole::VisionOther) {
+                    continue;
                 }
-            }
-            let norm_tensors = 2 * m.layers + 1;
-            for _ in 0..norm_tensors {
-                trainable.push(Tensor::matrix(1, m.hidden, dense_bytes));
-            }
-            if m.qk_norm {
-                for _ in 0..2 * m.layers {
-                    trainable.push(Tensor::matrix(1, m.head_dim, dense_bytes));
-                }
-            }
-            trainable.push(Tensor::matrix(m.vocab, m.hidden, dense_bytes));
-            if counts.lm_head > 0 {
-                trainable.push(Tensor::matrix(m.vocab, m.hidden, dense_bytes));
+                let t = Tensor {
+                    numel: p.numel(),
+                    batch: p.copies,
+                    rows: p.rows,
+                    bytes: dense_bytes,
+                };
+                trainable.extend(std::iter::repeat(t).take(*n as usize));
             }
         }
         Method::Lora | Method::Qlora => {
             let rank = job.lora.as_ref().map_or(0, |l| l.rank);
-            for l in lora_modules(job) {
-                for _ in 0..l.copies * m.layers {
-                    trainable.push(Tensor::matrix(rank, l.in_features, ADAPTER_BYTES));
-                    trainable.push(Tensor::matrix(l.out_features, rank, ADAPTER_BYTES));
+            let mut all = 0;
+            for m in lora_modules(job) {
+                all += (m.a_params + m.b_params) * m.count;
+                if m.trains {
+                    for _ in 0..m.count {
+                        trainable.push(Tensor::matrix(
+                            rank,
+                            m.a_params / rank.max(1),
+                            ADAPTER_BYTES,
+                        ));
+                        trainable.push(Tensor::matrix(
+                            m.b_params / rank.max(1),
+                            rank,
+                            ADAPTER_BYTES,
+                        ));
+                    }
                 }
             }
-            r.adapters = trainable.iter().map(|t| t.numel * t.bytes).sum();
+            r.adapters = all * ADAPTER_BYTES;
+            r.adapter_params = all;
             r.explain.adapters = format!(
-                "rank {rank} × (in + out) per targeted module × {} layers = {} params × 4 B (Hu et al. 2021; peft LoraLayer keeps adapters in fp32: autocast_adapter_dtype)",
+                "rank {rank} × (in + out) per targeted module × {} layers = {all} params × 4 B (Hu et al. 2021; peft LoraLayer keeps adapters in fp32: autocast_adapter_dtype){}",
                 m.layers,
-                trainable.iter().map(|t| t.numel).sum::<u128>()
+                if m.moe.is_some() && adapted_expert_params(job) != (0, false, false) {
+                    "; peft's ParamWrapper adapts the fused experts (rank r per expert, 2r on gate_up_proj when gate and up are both named) and the router"
+                } else {
+                    ""
+                }
             );
         }
         Method::Inference => {}
     }
-    r.trainable_params = trainable.iter().map(|t| t.numel).sum();
+    r.trainable_params = trainable
+        .iter()
+        .map(|t| t.numel)
+        .sum::<u128>()
+        .max(r.adapter_params);
     r.trainable_bytes = trainable.iter().map(|t| t.numel * t.bytes).sum();
     r.explain.gradients = if job.method == Method::Inference {
         "none (no backward pass)".into()
@@ -261,7 +460,7 @@ fn optimizer(job: &Job, trainable: &[Tensor], r: &mut Resident) {
                 .map(|t| {
                     // Matrices: factored row + column second moments; vectors: a full one.
                     if t.rows > 1 && t.cols() > 1 {
-                        (t.rows + t.cols()) * 4
+                        t.batch * (t.rows + t.cols()) * 4
                     } else {
                         t.numel * 4
                     }

@@ -429,28 +429,42 @@ impl FsdpUnits {
 #[derive(Debug)]
 pub struct FsdpWalk {
     u: FsdpUnits,
+    /// The root's unsharded parameters.
+    root: Cell<Option<Buf>>,
     /// The all-gather buffer held from forward (`all_gather_state`) or a prefetched gather.
-    pending_gather: std::cell::Cell<u128>,
+    pending_gather: Cell<Option<Buf>>,
     /// The previous unit's reduce-scatter input (`reduce_scatter_state`).
-    pending_reduce: std::cell::Cell<u128>,
+    pending_reduce: Cell<Option<Buf>>,
+    /// Unsharded parameters of the layers gathered now (one, or all without resharding).
+    layers: RefCell<Vec<Buf>>,
     /// The current layer's unsharded gradients, and the root's.
-    layer_grads: std::cell::Cell<u128>,
-    root_grads: std::cell::Cell<u128>,
-    /// Layers whose parameters are still unsharded (reshard_after_forward = false).
-    unsharded_layers: std::cell::Cell<u128>,
+    layer_grads: RefCell<Vec<Buf>>,
+    root_grads: RefCell<Vec<Buf>>,
+    /// Sharded gradients kept for the optimizer step.
+    kept: RefCell<Vec<Buf>>,
 }
 
-use super::timeline::{Category, Timeline};
+use std::cell::{Cell, RefCell};
+
+use super::timeline::{Buf, Category, Timeline};
 
 impl FsdpWalk {
     pub fn new(u: &FsdpUnits) -> FsdpWalk {
         FsdpWalk {
             u: u.clone(),
-            pending_gather: 0.into(),
-            pending_reduce: 0.into(),
-            layer_grads: 0.into(),
-            root_grads: 0.into(),
-            unsharded_layers: 0.into(),
+            root: Cell::new(None),
+            pending_gather: Cell::new(None),
+            pending_reduce: Cell::new(None),
+            layers: RefCell::new(Vec::new()),
+            layer_grads: RefCell::new(Vec::new()),
+            root_grads: RefCell::new(Vec::new()),
+            kept: RefCell::new(Vec::new()),
+        }
+    }
+
+    fn release(t: &mut Timeline, b: Option<Buf>) {
+        if let Some(b) = b {
+            t.release(b);
         }
     }
 
@@ -458,31 +472,32 @@ impl FsdpWalk {
     /// held from the previous unit is freed, then the copy-out into the parameters; the new
     /// buffer is held (`all_gather_state`). At N = 1 there is no buffer (the copy-out is made
     /// from the shard directly). FSDP1 gathers into the flat parameter: one copy.
-    fn unshard_forward(&self, t: &mut Timeline, bytes: u128) {
+    fn unshard_forward(&self, t: &mut Timeline, bytes: u128) -> Buf {
         if self.u.version == 2 && self.u.shards > 1 {
-            t.alloc(Category::GatheredParams, bytes);
-            t.free(Category::GatheredParams, self.pending_gather.take());
-            self.pending_gather.set(bytes);
+            let buffer = t.tensor(Category::GatheredParams, bytes);
+            Self::release(t, self.pending_gather.replace(Some(buffer)));
         }
-        t.alloc(Category::GatheredParams, bytes);
+        t.tensor(Category::GatheredParams, bytes)
     }
 
-    /// Root pre-forward: the root's parameters, kept to the end of backward.
+    /// Root pre-forward: the root's parameters (kept to the end of backward unless resharded).
     pub fn forward_start(&self, t: &mut Timeline) {
-        self.unshard_forward(t, self.u.root);
+        let r = self.unshard_forward(t, self.u.root);
+        self.root.set(Some(r));
     }
 
     /// A decoder layer's pre-forward.
     pub fn layer_forward_pre(&self, t: &mut Timeline) {
-        self.unshard_forward(t, self.u.layer);
+        let l = self.unshard_forward(t, self.u.layer);
+        self.layers.borrow_mut().push(l);
     }
 
     /// A decoder layer's post-forward: reshard (or keep it, reshard_after_forward = false).
     pub fn layer_forward_post(&self, t: &mut Timeline) {
         if self.u.reshard_after_forward {
-            t.free(Category::GatheredParams, self.u.layer);
-        } else {
-            self.unsharded_layers.set(self.unsharded_layers.get() + 1);
+            if let Some(l) = self.layers.borrow_mut().pop() {
+                t.release(l);
+            }
         }
     }
 
@@ -491,23 +506,24 @@ impl FsdpWalk {
     /// held from forward is freed.
     pub fn forward_end(&self, t: &mut Timeline) {
         if self.u.root_reshard_after_forward {
-            t.free(Category::GatheredParams, self.u.root);
+            Self::release(t, self.root.take());
         }
-        t.free(Category::GatheredParams, self.pending_gather.take());
+        Self::release(t, self.pending_gather.take());
     }
 
     /// The root's pre-backward (at the loss): re-gather a resharded root (buffer, copy-out,
     /// buffer freed), then prefetch the last layer's all-gather.
     pub fn backward_start(&self, t: &mut Timeline) {
         if self.u.root_reshard_after_forward {
-            let buffer = if self.u.shards > 1 { self.u.root } else { 0 };
-            t.alloc(Category::GatheredParams, buffer);
-            t.alloc(Category::GatheredParams, self.u.root);
-            t.free(Category::GatheredParams, buffer);
+            let buffer =
+                (self.u.shards > 1).then(|| t.tensor(Category::GatheredParams, self.u.root));
+            self.root
+                .set(Some(t.tensor(Category::GatheredParams, self.u.root)));
+            Self::release(t, buffer);
         }
         if self.u.reshard_after_forward && self.u.shards > 1 {
-            t.alloc(Category::GatheredParams, self.u.layer);
-            self.pending_gather.set(self.u.layer);
+            let b = t.tensor(Category::GatheredParams, self.u.layer);
+            self.pending_gather.set(Some(b));
         }
     }
 
@@ -519,88 +535,106 @@ impl FsdpWalk {
             return; // still unsharded from forward: nothing is gathered
         }
         let prefetched = self.pending_gather.take();
-        if self.u.version == 2 || prefetched == 0 {
+        if self.u.version == 2 || prefetched.is_none() {
             // FSDP2 copies out of the buffer; FSDP1 (and N = 1) use it (or the shard) directly.
-            t.alloc(Category::GatheredParams, self.u.layer);
-        }
-        if self.u.version == 2 {
-            t.free(Category::GatheredParams, prefetched);
+            let l = t.tensor(Category::GatheredParams, self.u.layer);
+            self.layers.borrow_mut().push(l);
+            Self::release(t, prefetched);
+        } else if let Some(p) = prefetched {
+            self.layers.borrow_mut().push(p);
         }
         if !first_layer && self.u.shards > 1 {
-            t.alloc(Category::GatheredParams, self.u.layer);
-            self.pending_gather.set(self.u.layer);
+            let b = t.tensor(Category::GatheredParams, self.u.layer);
+            self.pending_gather.set(Some(b));
         }
     }
 
     /// An unsharded gradient of `bytes` (in the gathered dtype) of the current layer.
     pub fn layer_grad(&self, t: &mut Timeline, bytes: u128) {
-        t.alloc(Category::Gradients, bytes);
-        self.layer_grads.set(self.layer_grads.get() + bytes);
+        let g = t.tensor(Category::Gradients, bytes);
+        self.layer_grads.borrow_mut().push(g);
     }
 
     /// An unsharded gradient of the root unit (lm_head, final norm, embedding).
     pub fn root_grad(&self, t: &mut Timeline, bytes: u128) {
-        t.alloc(Category::Gradients, bytes);
-        self.root_grads.set(self.root_grads.get() + bytes);
+        let g = t.tensor(Category::Gradients, bytes);
+        self.root_grads.borrow_mut().push(g);
     }
 
-    fn reduce(&self, t: &mut Timeline, grads: u128) {
-        if grads == 0 {
+    fn reduce(&self, t: &mut Timeline, grads: Vec<Buf>) {
+        let total: u128 = grads.iter().map(|g| g.bytes).sum();
+        if total == 0 {
+            for g in grads {
+                t.release(g);
+            }
             return;
         }
         let u = &self.u;
-        let input = grads * u.reduce_elem / u.grad_elem.max(1);
+        let input = total * u.reduce_elem / u.grad_elem.max(1);
         let output = input.div_ceil(u.shards);
-        let kept = (grads * u.shard_elem / u.grad_elem.max(1)).div_ceil(u.shards);
+        let kept = (total * u.shard_elem / u.grad_elem.max(1)).div_ceil(u.shards);
         // FSDP2 always copies into a reduce-scatter input; FSDP1 reduces the flat gradient in
         // place unless it must be cast to reduce_dtype first.
         let separate_input = u.version == 2 || u.reduce_elem != u.grad_elem;
-        t.free(Category::CommBuckets, self.pending_reduce.take());
-        if separate_input {
-            t.alloc(Category::CommBuckets, input);
-            t.free(Category::Gradients, grads);
-        }
+        Self::release(t, self.pending_reduce.take());
+        let mut grads = Some(grads);
+        let input_buf = separate_input.then(|| {
+            let b = t.tensor(Category::CommBuckets, input);
+            for g in grads.take().into_iter().flatten() {
+                t.release(g);
+            }
+            b
+        });
         // The output is the sharded gradient itself when its dtype is the parameters'
         // (`foreach_reduce`: `as_strided` views); otherwise it is cast into a new tensor.
         if u.reduce_elem == u.shard_elem && u.grads_on_gpu {
-            t.alloc(Category::Gradients, kept);
+            let k = t.tensor(Category::Gradients, kept);
+            self.kept.borrow_mut().push(k);
         } else {
-            t.alloc(Category::CommBuckets, output);
+            let out = t.tensor(Category::CommBuckets, output);
             if u.grads_on_gpu {
-                t.alloc(Category::Gradients, kept);
+                let k = t.tensor(Category::Gradients, kept);
+                self.kept.borrow_mut().push(k);
             }
-            t.free(Category::CommBuckets, output);
+            t.release(out);
         }
-        if !separate_input {
-            t.free(Category::Gradients, grads);
-        } else if u.version == 2 {
-            self.pending_reduce.set(input); // held until the next unit's reduce
+        for g in grads.take().into_iter().flatten() {
+            t.release(g);
+        }
+        if u.version == 2 {
+            self.pending_reduce.set(input_buf); // held until the next unit's reduce
         } else {
-            t.free(Category::CommBuckets, input);
+            Self::release(t, input_buf);
         }
     }
 
     /// A decoder layer's post-backward: reshard, reduce-scatter its gradients.
     pub fn layer_backward_post(&self, t: &mut Timeline) {
-        t.free(Category::GatheredParams, self.u.layer);
-        if !self.u.reshard_after_forward {
-            self.unsharded_layers
-                .set(self.unsharded_layers.get().saturating_sub(1));
+        if let Some(l) = self.layers.borrow_mut().pop() {
+            t.release(l);
         }
-        self.reduce(t, self.layer_grads.take());
+        let grads = std::mem::take(&mut *self.layer_grads.borrow_mut());
+        self.reduce(t, grads);
     }
 
     /// The final callback: the root's post-backward (reshard, reduce-scatter), then the last
     /// reduce-scatter input is released.
     pub fn backward_end(&self, t: &mut Timeline) {
-        t.free(Category::GatheredParams, self.u.root);
-        t.free(Category::GatheredParams, self.pending_gather.take());
-        t.free(
-            Category::GatheredParams,
-            self.unsharded_layers.take() * self.u.layer,
-        );
-        self.reduce(t, self.root_grads.take());
-        t.free(Category::CommBuckets, self.pending_reduce.take());
+        Self::release(t, self.root.take());
+        Self::release(t, self.pending_gather.take());
+        for l in std::mem::take(&mut *self.layers.borrow_mut()) {
+            t.release(l);
+        }
+        let grads = std::mem::take(&mut *self.root_grads.borrow_mut());
+        self.reduce(t, grads);
+        Self::release(t, self.pending_reduce.take());
+    }
+
+    /// `zero_grad(set_to_none=True)`: the sharded gradients go.
+    pub fn zero_grad(&self, t: &mut Timeline) {
+        for k in std::mem::take(&mut *self.kept.borrow_mut()) {
+            t.release(k);
+        }
     }
 }
 
