@@ -27,15 +27,15 @@
 //!   `stage3_prefetch_bucket_size` elements (default 5e7) ahead. The largest gathered module is
 //!   the embedding or lm_head for every LLM preset (the `4 · largest_layer` term of DeepSpeed's
 //!   estimator: its 16-bit parameters and gradient).
-//! - FSDP (`torch.distributed.fsdp`, `ShardingStrategy`; Zhao et al., 2023, §3): units are the
-//!   decoder layers (accelerate's `TRANSFORMER_BASED_WRAP`) plus the root (embeddings, final norm,
-//!   lm_head). A unit's flat parameter is all-gathered before its forward and backward and freed
-//!   after (`FULL_SHARD`); the default `BACKWARD_PRE` prefetch and `limit_all_gathers` keep at
-//!   most two gathered units alive; the root is not resharded after forward. A unit's full
-//!   gradient exists until it is reduce-scattered. FSDP keeps parameters, gradients and
-//!   optimizer state in the dtype they were loaded in (memplan's `--weights`), as a single GPU
-//!   does; with `--weights fp32 --compute bf16` the gathered copy is in the compute dtype
-//!   (`MixedPrecision(param_dtype=bf16)`).
+//! - FSDP (`torch.distributed.fsdp`; Zhao et al., 2023, §3): units are the decoder layers
+//!   (accelerate's `TRANSFORMER_BASED_WRAP`) plus the root (embeddings, final norm, lm_head),
+//!   walked buffer by buffer as torch 2.11's FSDP2 code allocates them ([`FsdpWalk`]: all-gather
+//!   buffers and copies, backward prefetch, the root's late reduce-scatter, reduce-scatter
+//!   inputs held to the next unit); FSDP1 where it differs. FSDP keeps parameters, sharded
+//!   gradients and optimizer state in the dtype they were loaded in (memplan's `--weights`);
+//!   with `--weights fp32 --compute bf16` it gathers bf16 copies
+//!   (`MixedPrecisionPolicy(param_dtype=bf16)`) and the step is the bf16 one ([`walk_job`]).
+//!   Held to traces of real `fully_shard` steps: `tests/fsdp_reference.rs`.
 //! - Offload: DeepSpeed `offload_optimizer` (ZeRO-Offload, Ren et al., 2021) keeps the fp32
 //!   master, optimizer state and gradient partition in CPU RAM and steps there (DeepSpeedCPUAdam);
 //!   `offload_param` (ZeRO-Infinity, stage 3 only) also keeps the 16-bit parameter partition
@@ -852,8 +852,20 @@ pub fn per_gpu(job: &Job, res: &Resident) -> PerGpu {
         p.bucket = sh.reduce_bucket.min(res.trainable_params) * grad_elem;
     }
     p.cpu_offload = cpu;
+    let working_set = match &p.fsdp {
+        Some(f) => format!(
+            "FSDP{} units walked as they run: root {} B and one layer {} B gathered ({} B at most at once), unsharded gradients {} B per element, reduce-scattered in {} B per element",
+            f.version,
+            f.root,
+            f.layer,
+            f.largest_gathered(),
+            f.grad_elem,
+            f.reduce_elem
+        ),
+        None => format!("gathered working set {} B", p.gathered),
+    };
     p.explain = format!(
-        "{} over {} GPU(s) ({} node(s)), shard group {s}, offload {}: optimizer state{} /{opt_div}, gradients /{}{}, parameters /{}; gathered working set {} B, gradient bucket {} B, CPU offload {} B per GPU",
+        "{} over {} GPU(s) ({} node(s)), shard group {s}, offload {}: optimizer state{} /{opt_div}, gradients /{}{}, parameters /{}; {working_set}, gradient bucket {} B, CPU offload {} B per GPU",
         sh.engine,
         sh.gpus,
         sh.nodes,
@@ -862,7 +874,6 @@ pub fn per_gpu(job: &Job, res: &Resident) -> PerGpu {
         p.grad_divisor,
         if p.grads_on_gpu { "" } else { " (reduced partitions moved to CPU)" },
         if level >= 3 { s } else { 1 },
-        p.gathered,
         p.bucket,
         cpu
     );

@@ -318,6 +318,8 @@ def case_id(c):
 
 
 LAYERS = {"llama3.2-1b": None, "qwen2.5-1.5b": None, "llama3.1-8b": 8, "mistral-7b": 8}
+# The order later grid runs take (each run skips the ids already in --out).
+ORDER = ["mistral-7b", "llama3.1-8b", "qwen2.5-1.5b", "llama3.2-1b"]
 
 
 def grid(seq):
@@ -326,7 +328,8 @@ def grid(seq):
     small parameters make a fake-tensor step ~6× slower). Full cases first."""
     cases = []
     for method, ns in (("full", (2, 4, 8, 16, 64)), ("lora", (2, 8, 64))):
-        for model, layers in LAYERS.items():
+        for model in ORDER:
+            layers = LAYERS[model]
             for params, mp in (("bf16", False), ("fp32", True)):
                 for gc in (False, True):
                     for n in ns:
@@ -341,7 +344,8 @@ def grid_root_kept(seq):
     N ∈ {2, 8}, and LoRA at N = 8."""
     cases = []
     for method, ns in (("full", (2, 8)), ("lora", (8,))):
-        for model, layers in LAYERS.items():
+        for model in ORDER:
+            layers = LAYERS[model]
             for params, mp in (("bf16", False), ("fp32", True)):
                 for gc in (False, True):
                     for n in ns:
