@@ -51,8 +51,13 @@ fn load_cases() -> Vec<Case> {
             job.seq = r["seq"].as_u64().unwrap().into();
             job.grad_checkpointing = r["grad_ckpt"].as_bool().unwrap();
             let n: u128 = r["world_size"].as_u64().unwrap().into();
-            let mut sh = Sharding::new(n, Engine::Fsdp(FsdpStrategy::FullShard));
-            assert!(r["fsdp"]["reshard_after_forward"].as_bool().unwrap());
+            // reshard_after_forward=False on the layers is SHARD_GRAD_OP.
+            let strategy = if r["fsdp"]["reshard_after_forward"].as_bool().unwrap() {
+                FsdpStrategy::FullShard
+            } else {
+                FsdpStrategy::ShardGradOp
+            };
+            let mut sh = Sharding::new(n, Engine::Fsdp(strategy));
             // Without a reduce dtype FSDP2 reduces in the gathered dtype (bf16 here).
             if r["fsdp"]["reduce_dtype"] == "fp32" && r["fsdp"]["param_dtype"] == "bf16" {
                 sh.reduce_dtype = Some(Precision::Fp32);

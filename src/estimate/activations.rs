@@ -394,8 +394,14 @@ fn linear(cx: &Ctx, p: &Proj, x: T, x_bytes: u128) -> (OpCost, bool) {
     // gradient; the dequantized weight again.
     let mut bwd = t * dt.linear_out * p.in_f + dequant;
     if lora.is_some() {
-        let cast = if dt.linear_out == a { 0 } else { dt.linear_out };
-        bwd += t * ((a + cast + a) * p.out_f + a * p.in_f);
+        if a != ADAPTER_BYTES && a == dt.linear_out {
+            // FSDP mixed precision (FSDP-HOOK(m)): adapters in the output's dtype, so no
+            // promoted sum and no cast: the scaled copy for lora_B and lora_A's input gradient.
+            bwd += t * a * (p.out_f + p.in_f);
+        } else {
+            let cast = if dt.linear_out == a { 0 } else { dt.linear_out };
+            bwd += t * ((a + cast + a) * p.out_f + a * p.in_f);
+        }
     }
     c.bwd_transient = bwd;
     (c, trains || lora.is_some())

@@ -788,7 +788,10 @@ pub fn per_gpu(job: &Job, res: &Resident) -> PerGpu {
     }
 
     let (root, layer, largest_module) = unit_bytes(job, res);
-    if level >= 3 {
+    // FSDP shards parameters at rest under every strategy (SHARD_GRAD_OP only keeps them
+    // gathered from a unit's forward to its backward: the walk holds them); ZeRO from stage 3.
+    let params_sharded = level >= 3 || (!sh.is_deepspeed() && trains);
+    if params_sharded {
         p.weights = part(res.weights);
         // bitsandbytes' quantization constants live in `Params4bit.quant_state`, plain tensors
         // that are no parameters: FSDP and ZeRO-3 leave them whole on every rank.
@@ -873,7 +876,7 @@ pub fn per_gpu(job: &Job, res: &Resident) -> PerGpu {
         if master { " (fp32 master + fp32 states, DeepSpeed mixed precision)" } else { "" },
         p.grad_divisor,
         if p.grads_on_gpu { "" } else { " (reduced partitions moved to CPU)" },
-        if level >= 3 { s } else { 1 },
+        if params_sharded { s } else { 1 },
         p.bucket,
         cpu
     );

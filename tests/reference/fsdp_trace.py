@@ -355,6 +355,14 @@ def grid_root_kept(seq):
     return cases
 
 
+def grid_no_reshard(seq):
+    """reshard_after_forward=False on the layers (SHARD_GRAD_OP), the root at torch's default."""
+    return [dict(model=model, layers=LAYERS[model], world_size=n, method="full", params="bf16",
+                 mp=False, grad_ckpt=gc, batch=1, seq=seq, root_reshard=None,
+                 reshard_after_forward=False)
+            for model in ("mistral-7b", "llama3.2-1b") for gc in (False, True) for n in (2, 8)]
+
+
 def check_n1(seq):
     """N = 1 against the single-GPU step (no FSDP): the difference should be the root's gathered
     parameters (embedding + final norm + lm_head in the gathered dtype) in every phase."""
@@ -377,6 +385,7 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--grid", action="store_true", help="trace every case of grid() into --out")
     ap.add_argument("--root-kept", action="store_true", help="with --grid: grid_root_kept()")
+    ap.add_argument("--no-reshard", action="store_true", help="with --grid: grid_no_reshard()")
     ap.add_argument("--check-n1", action="store_true")
     ap.add_argument("--only", default="", help="with --grid: case ids containing this")
     ap.add_argument("--model", default="llama3.2-1b")
@@ -395,7 +404,8 @@ def main():
         done = set()
         if a.out and os.path.exists(a.out):
             done = {json.loads(l)["id"] for l in open(a.out) if l.strip()}
-        for c in (grid_root_kept if a.root_kept else grid)(a.seq):
+        pick = grid_no_reshard if a.no_reshard else grid_root_kept if a.root_kept else grid
+        for c in pick(a.seq):
             if a.only not in case_id(c) or case_id(c) in done:
                 continue
             r = run(c)
