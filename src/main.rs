@@ -38,7 +38,8 @@ fn main() {
 fn run(cli: Cli) -> Result<String> {
     match cli.command {
         Command::Estimate(a) => {
-            let mut job = a.job.job()?;
+            let resolved = a.job.resolve()?;
+            let mut job = resolved.job;
             job.sharding = a.shard.sharding()?;
             job.validate()?;
             match a.emit {
@@ -66,6 +67,8 @@ fn run(cli: Cli) -> Result<String> {
                 &job,
                 &est,
                 fit.as_ref(),
+                resolved.from.as_ref(),
+                resolved.checkpoint.as_ref(),
                 a.explain,
                 a.format.into(),
             )?)

@@ -1055,6 +1055,7 @@ mod tests {
         };
         let w = FsdpWalk::new(&u);
         let mut t = Timeline::new();
+        t.phase(super::super::timeline::Phase::Forward);
         let g = |t: &Timeline| t.live(Category::GatheredParams);
         w.forward_start(&mut t);
         assert_eq!(g(&t), 200); // all-gather buffer (held) + the root's copy
@@ -1095,8 +1096,11 @@ mod tests {
             let mut b = a.clone();
             b.sharding = Some(Sharding::new(1, Engine::Fsdp(FsdpStrategy::ShardGradOp)));
             let (ea, eb) = (estimate(&a).unwrap(), estimate(&b).unwrap());
-            // Only the FSDP gradient spike differs; ZeRO-0 DeepSpeed adds its bucket and master.
-            assert!(eb.peak_allocated_bytes >= ea.peak_allocated_bytes);
+            // FSDP at N = 1 only adds its gathered copies and reduce buffers, phase by phase
+            // (the allocator's block rounding of the peak may differ either way).
+            for (pa, pb) in ea.phases.iter().zip(&eb.phases) {
+                assert!(pb.bytes >= pa.bytes, "{method} {}", pa.phase);
+            }
             assert_eq!(ea.cpu_offload_bytes.0, 0);
         }
     }
