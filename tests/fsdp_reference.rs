@@ -81,7 +81,7 @@ fn load_cases() -> Vec<Case> {
 #[test]
 fn fsdp2_per_gpu_peak_matches_the_traces() {
     let cases = load_cases();
-    assert!(cases.len() >= 100, "{} traced cases", cases.len());
+    assert!(cases.len() >= 180, "{} traced cases", cases.len());
     let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
     println!(
         "{:<52} {:>9} {:>9} {:>7}  phase(trace/est)",
