@@ -161,6 +161,13 @@ pub struct ShardArgs {
     /// PyTorch FSDP sharding strategy: full-shard, shard-grad-op or hybrid-shard.
     #[arg(long)]
     pub fsdp: Option<String>,
+    /// FSDP implementation: 2 (fully_shard) or 1 (FullyShardedDataParallel).
+    #[arg(long, default_value_t = 2)]
+    pub fsdp_version: u8,
+    /// FSDP reduce_dtype: the dtype gradients are reduce-scattered in, fp32 or bf16 [default:
+    /// the gathered parameters' dtype, as torch and accelerate default to].
+    #[arg(long)]
+    pub reduce_dtype: Option<String>,
     /// CPU offload: none, optimizer or optimizer+params.
     #[arg(long, default_value = "none")]
     pub offload: String,
@@ -211,6 +218,16 @@ impl ShardArgs {
         let mut s = Sharding::new(self.gpus as u128, engine);
         s.nodes = self.nodes as u128;
         s.offload = offload;
+        s.fsdp_version = self.fsdp_version;
+        if let Some(d) = &self.reduce_dtype {
+            let d: memplan::Precision = d.parse()?;
+            if !d.is_float() || !matches!(engine, Engine::Fsdp(_)) {
+                anyhow::bail!(
+                    "--reduce-dtype {d}: FSDP reduces gradients in fp32, bf16 or fp16 (with --fsdp)"
+                );
+            }
+            s.reduce_dtype = Some(d);
+        }
         s.reduce_bucket = match &self.reduce_bucket {
             Some(t) => positive_count("--reduce-bucket", t)?,
             None => DEFAULT_REDUCE_BUCKET,
