@@ -240,8 +240,9 @@ fn fit_json_has_the_fixed_fields_and_exact_boundaries() {
     }
     // The first plan's max batch fits through `estimate`, and one more sample does not.
     let p = &plans[0];
-    let gpu_bytes = u(&r["gpu_bytes"]);
-    let device = |batch: u128| {
+    let gpu = r["gpu"].as_str().unwrap_or("rtx-4090").to_string();
+    // `estimate --gpu`'s verdict: the step replayed at the card's capacity.
+    let fits = |batch: u128| {
         let mut args: Vec<String> = [
             "estimate",
             "--model",
@@ -255,6 +256,8 @@ fn fit_json_has_the_fixed_fields_and_exact_boundaries() {
                 .replace("adamw8bit", "adamw-8bit"),
             "--batch",
             &batch.to_string(),
+            "--gpu",
+            &gpu,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -263,11 +266,11 @@ fn fit_json_has_the_fixed_fields_and_exact_boundaries() {
             args.push("--grad-checkpointing".into());
         }
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        u(&run_json(&refs)["device_bytes"])
+        run_json(&refs)["fit"]["fits"].as_bool().unwrap()
     };
     let max = u(&p["max_batch"]);
-    assert!(device(max) <= gpu_bytes);
-    assert!(device(max + 1) > gpu_bytes);
+    assert!(fits(max));
+    assert!(!fits(max + 1));
 
     let r = run_json(&["fit", "--model", "70B", "--gpu", "rtx-4090"]);
     assert!(r["plans"].as_array().unwrap().is_empty());
