@@ -87,6 +87,8 @@ pub struct Estimate {
     /// line at a given capacity).
     #[serde(skip)]
     pub alloc_events: Vec<crate::alloc::Event>,
+    #[serde(skip)]
+    pub job_alloc_conf: crate::alloc::AllocConf,
     /// CPU RAM per node for offloaded state (DeepSpeed offload / FSDP CPUOffload); 0 without.
     pub cpu_offload_bytes: Bytes,
     /// Host RAM per GPU for offloaded activations (`--activation-offload`); 0 without.
@@ -191,6 +193,39 @@ pub fn estimate_with(job: &Job, profile: &RuntimeProfile) -> Result<Estimate, Er
         explain
     };
     Ok(finish(job, &res, &sh, &t, profile, explain_extra))
+}
+
+/// The out-of-memory line: the step replayed through the caching allocator with `capacity`
+/// bytes to reserve (the card less the CUDA context and managed optimizer state). A request
+/// that finds no cached block and cannot get a new segment even after the cache is freed is
+/// PyTorch's out-of-memory error.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OomCheck {
+    pub fits: bool,
+    /// The smallest `capacity − reserved` over the step: the margin at the tightest moment.
+    pub min_headroom_bytes: Bytes,
+    /// The allocation that failed, when it does not fit.
+    pub failed_request_bytes: Option<Bytes>,
+}
+
+/// Replays `est`'s step at a device of `device_bytes` (see [`OomCheck`]).
+pub fn oom_check(est: &Estimate, device_bytes: u128) -> OomCheck {
+    let outside = est.runtime.cuda_context_bytes + est.paged_optimizer_bytes.0;
+    let capacity = device_bytes.saturating_sub(outside);
+    let cap = u64::try_from(capacity).unwrap_or(u64::MAX);
+    match crate::alloc::simulate(&est.alloc_events, &est.job_alloc_conf, Some(cap)) {
+        Ok(r) => OomCheck {
+            fits: r.oom.is_none() && device_bytes >= outside,
+            min_headroom_bytes: Bytes(u128::from(r.min_headroom.unwrap_or(0))),
+            failed_request_bytes: r.oom.map(|o| Bytes(u128::from(o.request_bytes))),
+        },
+        // A stream the replay refuses (a request over 2^56 B) fits no device.
+        Err(_) => OomCheck {
+            fits: false,
+            min_headroom_bytes: Bytes(0),
+            failed_request_bytes: None,
+        },
+    }
 }
 
 /// The measured error of the allocator replay (book: Allocator).
@@ -941,6 +976,7 @@ fn finish(
             .collect(),
         runtime: profile,
         alloc_events,
+        job_alloc_conf: job.alloc_conf.clone(),
         host_bytes: Bytes(step.host_bytes),
         cpu_offload_bytes: Bytes(
             sh.cpu_offload * job.sharding.as_ref().map_or(1, |s| s.gpus_per_node()),
