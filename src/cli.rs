@@ -47,6 +47,49 @@ pub enum Command {
     /// Read the GPU through NVML and measure a real NF4 + LoRA training step (candle), compared
     /// with its estimate.
     Probe(Box<ProbeArgs>),
+    /// Print a shell completion script: `memplan completions bash > /etc/bash_completion.d/memplan`.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff): `memplan man > memplan.1 && man ./memplan.1`.
+    Man,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// `--batch 4`: a positive integer. Negative numbers reach this parser (the flag allows them), so
+/// `--batch -1` is told what the flag expects instead of "unexpected argument '-1'".
+pub fn positive_int(text: &str) -> Result<u64, String> {
+    match text.trim().parse::<i128>() {
+        Ok(v) if (1..=i128::from(u64::MAX)).contains(&v) => Ok(v as u64),
+        _ => Err("expects a positive integer such as 4".into()),
+    }
+}
+
+/// `--seq 4096` or `--seq 4k`: tokens, where `k` is 1024 and `M` is 1024² as context lengths are
+/// quoted ("4k context" = 4096, "128k" = 131072, "1M" = 1048576).
+pub fn seq_len(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1024),
+        Some((i, 'm' | 'M')) => (&t[..i], 1024 * 1024),
+        _ => (t, 1),
+    };
+    positive_int(num)
+        .ok()
+        .and_then(|v| v.checked_mul(mult))
+        .ok_or_else(|| "expects a positive number of tokens such as 2048 or 4k (= 4096)".into())
+}
+
+/// `--zero 3`: a DeepSpeed ZeRO stage.
+pub fn zero_stage(text: &str) -> Result<u8, String> {
+    match text.trim().parse::<u8>() {
+        Ok(v) if v <= 3 => Ok(v),
+        _ => Err("expects a ZeRO stage 0–3 (0 replicates, 1 shards optimizer state, 2 + gradients, 3 + parameters)".into()),
+    }
 }
 
 /// Output format of a report.
@@ -71,6 +114,7 @@ impl From<Format> for memplan::report::Format {
 
 #[derive(Debug, Args)]
 pub struct FormatArgs {
+    /// Output format: a text table, JSON (the full record), CSV or Markdown.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }
@@ -82,14 +126,14 @@ pub struct JobArgs {
     /// Hugging Face config.json (file or model folder).
     #[arg(long)]
     pub model: String,
-    /// full, lora, qlora or inference.
+    /// full, lora or qlora (`estimate` also takes inference: one prefill with a KV cache).
     #[arg(long, default_value = "full")]
     pub method: String,
     /// Micro-batch size.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = positive_int)]
     pub batch: u64,
-    /// Sequence length in tokens.
-    #[arg(long, default_value_t = 2048)]
+    /// Sequence length in tokens (4k = 4096).
+    #[arg(long, default_value_t = 2048, allow_negative_numbers = true, value_parser = seq_len)]
     pub seq: u64,
     #[command(flatten)]
     pub settings: JobSettings,
@@ -118,7 +162,7 @@ pub struct ShardArgs {
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub nodes: i64,
     /// DeepSpeed ZeRO stage: 0 (replicate), 1 (optimizer state), 2 (+ gradients), 3 (+ parameters).
-    #[arg(long, conflicts_with = "fsdp")]
+    #[arg(long, conflicts_with = "fsdp", allow_negative_numbers = true, value_parser = zero_stage)]
     pub zero: Option<u8>,
     /// PyTorch FSDP sharding strategy: full-shard, shard-grad-op or hybrid-shard.
     #[arg(long)]
@@ -205,8 +249,8 @@ pub struct EstimateArgs {
     #[arg(long, value_enum)]
     pub emit: Option<Emit>,
     /// Global batch in sequences that --emit reaches with gradient accumulation.
-    #[arg(long)]
-    pub global_batch: Option<u128>,
+    #[arg(long, allow_negative_numbers = true, value_parser = positive_int)]
+    pub global_batch: Option<u64>,
     /// TOML file of [[gpu]] entries that add GPUs or override preset fields.
     #[arg(long)]
     pub gpu_file: Option<PathBuf>,
@@ -216,11 +260,15 @@ pub struct EstimateArgs {
     /// TOML written by `memplan probe --save-calibration`: measured CUDA context and workspace.
     #[arg(long)]
     pub calibration: Option<PathBuf>,
+    /// Output format: a text table, JSON (the full record), CSV or Markdown.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
     /// Print each component's formula with the numbers substituted, and its source.
     #[arg(long)]
     pub explain: bool,
+    /// Exit with status 3 when the plan does not fit --gpu (for scripts and CI).
+    #[arg(long, requires = "gpu")]
+    pub check: bool,
 }
 
 #[derive(Debug, Args)]
@@ -228,6 +276,7 @@ pub struct TableArgs {
     /// The rule-of-thumb table (bytes per parameter) beside memplan's estimates.
     #[arg(long)]
     pub seed: bool,
+    /// Output format: a text table, JSON (the full record), CSV or Markdown.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }
@@ -258,13 +307,13 @@ pub struct JobSettings {
     #[arg(long)]
     pub compute: Option<String>,
     /// LoRA rank.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, allow_negative_numbers = true, value_parser = positive_int)]
     pub rank: u64,
     /// all-linear, attention, mlp, or a comma list of module names (q_proj,v_proj,…).
     #[arg(long, default_value = "all-linear")]
     pub lora_targets: String,
     /// LoRA dropout probability.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
     pub lora_dropout: f64,
     /// QLoRA double quantization of the absmax constants (default on).
     #[arg(long, overrides_with = "no_double_quant")]
@@ -276,9 +325,13 @@ pub struct JobSettings {
     /// adafactor.
     #[arg(long, default_value = "adamw")]
     pub optimizer: String,
-    /// Activation checkpointing per decoder layer.
-    #[arg(long)]
+    /// Activation checkpointing per decoder layer: on by default for training, as TRL's SFT,
+    /// LLaMA-Factory and Unsloth default and as the QLoRA paper trained.
+    #[arg(long, overrides_with = "no_grad_checkpointing")]
     pub grad_checkpointing: bool,
+    /// Keep every layer's activations (transformers' Trainer default, gradient_checkpointing=False).
+    #[arg(long)]
+    pub no_grad_checkpointing: bool,
     /// sdpa, eager or flash.
     #[arg(long, default_value = "sdpa")]
     pub attention: String,
@@ -315,11 +368,17 @@ impl JobSettings {
         job.optimizer = self.optimizer.parse::<Optimizer>()?;
         job.batch = batch.into();
         job.seq = seq.into();
-        job.grad_checkpointing = self.grad_checkpointing;
+        job.grad_checkpointing = self.checkpointing(job.method);
         job.attention = self.attention.parse::<Attention>()?;
         job.kbit_prep = self.kbit_prep;
         job.validate()?;
         Ok(job)
+    }
+
+    /// Whether `method` runs with gradient checkpointing: on for training unless
+    /// `--no-grad-checkpointing` (an inference prefill has no backward to checkpoint for).
+    pub fn checkpointing(&self, method: Method) -> bool {
+        method != Method::Inference && !self.no_grad_checkpointing
     }
 
     /// One job per model × method (models outer), batch and sequence length as given.
@@ -370,10 +429,10 @@ pub struct BreakdownArgs {
     #[arg(long, default_value = "full")]
     pub method: String,
     /// Micro-batch size.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = positive_int)]
     pub batch: u64,
-    /// Sequence length in tokens.
-    #[arg(long, default_value_t = 2048)]
+    /// Sequence length in tokens (4k = 4096).
+    #[arg(long, default_value_t = 2048, allow_negative_numbers = true, value_parser = seq_len)]
     pub seq: u64,
     #[command(flatten)]
     pub settings: JobSettings,
@@ -466,28 +525,30 @@ pub struct FitArgs {
     /// GPU preset or size (24GB).
     #[arg(long)]
     pub gpu: String,
-    /// Sequence length the micro-batch search runs at.
-    #[arg(long, default_value_t = 2048)]
+    /// Sequence length the micro-batch search runs at (4k = 4096).
+    #[arg(long, default_value_t = 2048, allow_negative_numbers = true, value_parser = seq_len)]
     pub seq: u64,
     /// sdpa, eager or flash.
     #[arg(long, default_value = "sdpa")]
     pub attention: String,
     /// LoRA rank of the LoRA/QLoRA plans.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, allow_negative_numbers = true, value_parser = positive_int)]
     pub rank: u64,
     /// LoRA target modules of the LoRA/QLoRA plans.
     #[arg(long, default_value = "all-linear")]
     pub lora_targets: String,
     /// LoRA dropout of the LoRA/QLoRA plans.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
     pub lora_dropout: f64,
     #[command(flatten)]
     pub shard: ShardArgs,
     /// Model FLOPs utilization for the throughput ranking.
     #[arg(long, default_value_t = memplan::cost::DEFAULT_MFU, allow_negative_numbers = true)]
     pub mfu: f64,
+    /// TOML file of [[gpu]] entries that add GPUs or override preset fields (presets/README.md).
     #[arg(long)]
     pub gpu_file: Option<PathBuf>,
+    /// Output format: a text table, JSON (the full record), CSV or Markdown.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }
@@ -523,6 +584,7 @@ pub struct CostArgs {
     /// Tokens in the data set per epoch: 50M, 1.2B, 300000.
     #[arg(long, allow_hyphen_values = true)]
     pub tokens: String,
+    /// Passes over the data set (fractions allowed: 0.5).
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub epochs: f64,
     /// Model FLOPs utilization (fraction of peak).
@@ -546,8 +608,10 @@ pub struct CostArgs {
     /// Leave QLoRA's dequantization time out.
     #[arg(long)]
     pub no_dequant_overhead: bool,
+    /// TOML file of [[gpu]] entries that add GPUs or override preset fields (presets/README.md).
     #[arg(long)]
     pub gpu_file: Option<PathBuf>,
+    /// Output format: a text table, JSON (the full record), CSV or Markdown.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }
@@ -591,6 +655,7 @@ pub enum ProbeFormat {
 
 #[derive(Debug, Args)]
 pub struct ProbeArgs {
+    /// Where the step runs: auto (CUDA when built with it and a GPU is present), cpu or cuda.
     #[arg(long, value_enum, default_value_t = ProbeDevice::Auto)]
     pub device: ProbeDevice,
     /// Vocabulary size [default: 256 on the CPU, 32000 on CUDA].
@@ -650,6 +715,7 @@ pub struct ProbeArgs {
     /// Seed of the random weights, batch and dropout masks.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Output format: a text table or JSON.
     #[arg(long, value_enum, default_value_t = ProbeFormat::Table)]
     pub format: ProbeFormat,
     /// Write the measured CUDA context size as TOML for `memplan estimate --calibration`.

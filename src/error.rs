@@ -24,6 +24,9 @@ pub enum Error {
         reason: std::io::Error,
     },
 
+    #[error("{path} {problem}")]
+    InputFile { path: PathBuf, problem: String },
+
     #[error("{path}: not a valid config.json: {message}")]
     BadConfig { path: PathBuf, message: String },
 
@@ -49,6 +52,27 @@ pub enum Error {
 
     #[error("invalid preset file {path}: {message}")]
     Preset { path: String, message: String },
+
+    #[error("{path}: not a valid calibration file: {message}")]
+    BadCalibration { path: PathBuf, message: String },
+}
+
+/// A TOML error as one line, reason first: `expected '=' (line 2, column 5)`. The toml crate's
+/// `Display` is several lines (the source line and a caret) with the reason last.
+pub fn toml_error_line(e: &toml::de::Error, text: &str) -> String {
+    let reason = e.message().trim().replace('\n', "; ");
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before[before.rfind('\n').map_or(0, |i| i + 1)..]
+                .chars()
+                .count()
+                + 1;
+            format!("{reason} (line {line}, column {column})")
+        }
+        None => reason,
+    }
 }
 
 /// A preset found by its name or one of its aliases, case-insensitively.

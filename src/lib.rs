@@ -16,6 +16,7 @@ pub mod cost;
 pub mod dtype;
 pub mod error;
 pub mod estimate;
+pub mod files;
 pub mod gpu;
 pub mod method;
 pub mod model;

@@ -81,9 +81,15 @@ fn load_cases() -> Vec<Case> {
             if c["method"] == "full_fp32_amp" {
                 args.extend(["--weights", "fp32", "--compute", "bf16"].map(String::from));
             }
-            if job.grad_checkpointing {
-                args.push("--grad-checkpointing".into());
-            }
+            // Stated either way: the CLI's default (on) is not the measured cases' setting.
+            args.push(
+                if job.grad_checkpointing {
+                    "--grad-checkpointing"
+                } else {
+                    "--no-grad-checkpointing"
+                }
+                .into(),
+            );
             if let Some(l) = &job.lora {
                 args.extend(["--rank".into(), l.rank.to_string()]);
                 args.extend(["--lora-dropout".into(), l.dropout.to_string()]);

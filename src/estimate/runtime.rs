@@ -31,8 +31,11 @@ pub struct RuntimeProfile {
 }
 
 /// Measured overheads written by `memplan probe --save-calibration` and read by
-/// `memplan estimate --calibration`. Absent fields keep the profile's value.
+/// `memplan estimate --calibration`. Absent fields keep the profile's value, but a file must set
+/// at least one number, and a key it does not know (a misspelling) is an error rather than
+/// silently running on the defaults.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Calibration {
     /// Where the numbers were measured (GPU name, driver).
     pub source: Option<String>,
@@ -42,14 +45,33 @@ pub struct Calibration {
 
 impl Calibration {
     pub fn load(path: &Path) -> Result<Calibration, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        let text = crate::files::read_input(path, "calibration file")?;
+        Calibration::parse(&text).map_err(|message| Error::BadCalibration {
             path: path.to_path_buf(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| Error::BadConfig {
-            path: path.to_path_buf(),
-            message: e.to_string(),
+            message,
         })
+    }
+
+    /// Parses a calibration TOML text; the error is one line, reason first.
+    pub fn parse(text: &str) -> Result<Calibration, String> {
+        let cal: Calibration =
+            toml::from_str(text).map_err(|e| crate::error::toml_error_line(&e, text))?;
+        if cal.cuda_context_bytes.is_none() && cal.workspace_bytes.is_none() {
+            return Err(
+                "sets neither cuda_context_bytes nor workspace_bytes (write it with `memplan probe --save-calibration FILE`)"
+                    .into(),
+            );
+        }
+        // A CUDA context or cuBLAS workspace beyond 64 GiB is no measurement of either.
+        for (name, v) in [
+            ("cuda_context_bytes", cal.cuda_context_bytes),
+            ("workspace_bytes", cal.workspace_bytes),
+        ] {
+            if v.is_some_and(|b| b > 64 << 30) {
+                return Err(format!("{name} = {} is beyond 64 GiB", v.unwrap_or(0)));
+            }
+        }
+        Ok(cal)
     }
 
     pub fn to_toml(&self) -> String {
@@ -102,5 +124,18 @@ mod tests {
         let p = pytorch_cuda().calibrated(&cal);
         assert_eq!(p.cuda_context_bytes, 500_000_000);
         assert_eq!(p.workspace_bytes, 64 * MIB);
+    }
+
+    #[test]
+    fn empty_files_unknown_keys_and_syntax_errors_are_one_line() {
+        let e = Calibration::parse("").unwrap_err();
+        assert!(e.contains("sets neither"), "{e}");
+        let e = Calibration::parse("cuda_context_byte = 5\n").unwrap_err();
+        assert!(e.starts_with("unknown field `cuda_context_byte`"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        let e = Calibration::parse("source = \"x\"\ncuda_context_bytes 5\n").unwrap_err();
+        assert!(e.ends_with("(line 2, column 20)"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        assert!(Calibration::parse("workspace_bytes = 1099511627776").is_err());
     }
 }

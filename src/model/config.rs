@@ -42,10 +42,7 @@ impl HfConfig {
         } else {
             path.to_path_buf()
         };
-        let text = std::fs::read_to_string(&file).map_err(|source| Error::Io {
-            path: file.clone(),
-            source,
-        })?;
+        let text = crate::files::read_input(&file, "config.json")?;
         let cfg = serde_json::from_str(&text).map_err(|e| Error::BadConfig {
             path: file.clone(),
             message: e.to_string(),
@@ -89,7 +86,7 @@ impl HfConfig {
             match v {
                 None => Err(field(name, "is missing")),
                 Some(0) => Err(field(name, "must be positive")),
-                Some(x) => Ok(u128::from(x)),
+                Some(x) => super::bounds::check(name, x, origin).map(|()| u128::from(x)),
             }
         };
         let hidden = need(self.hidden_size, "hidden_size")?;

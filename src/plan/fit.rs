@@ -243,6 +243,93 @@ fn dominant(est: &Estimate, have: u128) -> (String, String) {
     }
 }
 
+/// What would fit when a job does not: the flags to change.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Suggestion {
+    pub method: Method,
+    #[serde(serialize_with = "as_flag")]
+    pub optimizer: Optimizer,
+    pub grad_checkpointing: bool,
+    pub batch: u128,
+    pub device_bytes: Bytes,
+    /// The flags that differ from the job, e.g. `--method qlora --batch 2`.
+    pub flags: String,
+}
+
+/// For a job that does not fit `gpu`: its own settings at the largest micro-batch that fits, or
+/// else the best-ranked plan of [`fit`] (method, optimizer, checkpointing) at the job's batch or
+/// the plan's largest, whichever is smaller. `None` when no plan fits at the job's sequence length.
+pub fn suggest(
+    job: &Job,
+    gpu: &Gpu,
+    profile: &RuntimeProfile,
+) -> Result<Option<Suggestion>, Error> {
+    let mut req = FitRequest::new(job.clone(), gpu.clone(), profile.clone());
+    let have = gpu.memory().0;
+    let mut s = Searcher {
+        req: &req,
+        have,
+        evaluated: 0,
+    };
+    let mut one = job.clone();
+    one.batch = 1;
+    let flags = |method: Method, optimizer: Optimizer, ckpt: bool, batch: u128| {
+        let mut f = Vec::new();
+        if method != job.method {
+            f.push(format!("--method {method}"));
+        }
+        if optimizer != job.optimizer {
+            f.push(format!("--optimizer {optimizer}"));
+        }
+        if ckpt != job.grad_checkpointing {
+            f.push(
+                if ckpt {
+                    "--grad-checkpointing"
+                } else {
+                    "--no-grad-checkpointing"
+                }
+                .to_string(),
+            );
+        }
+        if batch != job.batch {
+            f.push(format!("--batch {batch}"));
+        }
+        f.join(" ")
+    };
+    if job.batch > 1 && s.fits(&one)? {
+        let batch = s.largest(&one, job.batch - 1, |j, x| j.batch = x)?;
+        let mut at = one.clone();
+        at.batch = batch;
+        return Ok(Some(Suggestion {
+            method: job.method,
+            optimizer: job.optimizer,
+            grad_checkpointing: job.grad_checkpointing,
+            batch,
+            device_bytes: s.estimate(&at)?.device_bytes,
+            flags: flags(job.method, job.optimizer, job.grad_checkpointing, batch),
+        }));
+    }
+    if job.method == Method::Inference {
+        return Ok(None);
+    }
+    req.methods = vec![Method::Full, Method::Lora, Method::Qlora];
+    let report = fit(&req)?;
+    let Some(best) = report.plans.first() else {
+        return Ok(None);
+    };
+    let batch = best.max_batch.min(job.batch);
+    let mut at = variant(job, best.method, best.optimizer, best.grad_checkpointing);
+    at.batch = batch;
+    Ok(Some(Suggestion {
+        method: best.method,
+        optimizer: best.optimizer,
+        grad_checkpointing: best.grad_checkpointing,
+        batch,
+        device_bytes: estimate_with(&at, profile)?.device_bytes,
+        flags: flags(best.method, best.optimizer, best.grad_checkpointing, batch),
+    }))
+}
+
 /// Step throughput in tokens/s for `job` at micro-batch `batch` on all GPUs.
 fn throughput(req: &FitRequest, job: &Job, gpus: u128) -> (u128, Option<f64>) {
     let fpt = flops_per_token(job, true).total();

@@ -119,10 +119,10 @@ fn estimate_sheet(job: &Job, est: &Estimate, fit: Option<&Fit>, explain: bool) -
             job.seq,
             job.attention,
             job.optimizer,
-            if job.grad_checkpointing {
-                " · checkpointing"
-            } else {
-                ""
+            match (job.method, job.grad_checkpointing) {
+                (crate::method::Method::Inference, _) => "",
+                (_, true) => " · checkpointing on",
+                (_, false) => " · checkpointing off",
             },
             job.lora
                 .as_ref()
@@ -177,16 +177,22 @@ fn estimate_sheet(job: &Job, est: &Estimate, fit: Option<&Fit>, explain: bool) -
         est.device_bytes,
         "+ CUDA context + paged optimizer state (NVML / nvidia-smi used memory)",
     ));
+    if let Some(f) = fit {
+        // In the rows too, so CSV (which drops notes) keeps the verdict.
+        let mut r = vec![
+            format!("headroom on {}", f.gpu),
+            format!("{:.2}", f.headroom_bytes as f64 / (1u64 << 30) as f64),
+            if f.fits { "fits" } else { "does not fit" }.to_string(),
+        ];
+        if explain {
+            r.push(format!("GPU memory {} minus device total", f.gpu_memory));
+        }
+        rows.push(r);
+    }
     let mut notes = Vec::new();
     if let Some(f) = fit {
-        notes.push(format!(
-            "{} on {} ({} GiB): {:.1}% used, headroom {:.2} GiB",
-            if f.fits { "FITS" } else { "DOES NOT FIT" },
-            f.gpu,
-            gib(f.gpu_bytes),
-            f.utilization_pct,
-            f.headroom_bytes as f64 / (1u64 << 30) as f64
-        ));
+        notes.push(f.verdict());
+        notes.extend(f.advice());
     }
     if let Some(s) = &est.sharding {
         notes.push(format!(
