@@ -619,10 +619,10 @@ pub struct CostArgs {
 impl CostArgs {
     pub fn tokens(&self) -> Result<u128> {
         let v = parse_count(&self.tokens)
-            .filter(|v| *v >= 1.0)
+            .filter(|v| (1.0..=memplan::cost::MAX_TOKENS as f64).contains(v))
             .with_context(|| {
                 format!(
-                    "--tokens '{}': expected a positive count such as 50M or 1.2B",
+                    "--tokens '{}': expected a positive count such as 50M or 1.2B, at most 1e15",
                     self.tokens
                 )
             })?;

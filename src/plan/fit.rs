@@ -355,10 +355,11 @@ fn throughput(req: &FitRequest, job: &Job, gpus: u128) -> (u128, Option<f64>) {
 
 /// Runs the search.
 pub fn fit(req: &FitRequest) -> Result<FitReport, Error> {
-    if !(req.mfu.is_finite() && req.mfu > 0.0 && req.mfu <= 1.0) {
+    let (min_mfu, max_mfu) = crate::cost::input_bounds("--mfu");
+    if !(req.mfu.is_finite() && req.mfu >= min_mfu && req.mfu <= max_mfu) {
         return Err(Error::Unsupported(format!(
-            "--mfu {}: utilization is a fraction of peak in (0, 1]",
-            req.mfu
+            "--mfu {}: utilization is a fraction of peak between {min_mfu} and {max_mfu}",
+            crate::cost::number_text(req.mfu)
         )));
     }
     let have = req.gpu.memory().0;

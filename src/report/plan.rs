@@ -127,6 +127,33 @@ pub fn render_cost(c: &CostEstimate, format: Format) -> Result<String, Error> {
                 ),
             ]);
         }
+        // First: whether the plan runs at all on the GPU it is priced on.
+        rows.insert(
+            0,
+            vec![
+                "memory per GPU".into(),
+                format!(
+                    "{}: {:.2} GiB of {}",
+                    if c.fits { "fits" } else { "DOES NOT FIT" },
+                    (c.fit.gpu_bytes.0 as i128 - c.fit.headroom_bytes) as f64 / (1u64 << 30) as f64,
+                    c.fit.gpu_memory
+                ),
+            ],
+        );
+        let mut notes: Vec<String> = Vec::new();
+        if !c.fits {
+            notes.push(format!(
+                "{}; the cost below is for a run that cannot start",
+                c.fit.verdict()
+            ));
+            notes.extend(c.fit.advice());
+        }
+        notes.extend(c.assumptions.iter().map(|a| {
+            format!(
+                "assumption {} = {} ({}; change with {})",
+                a.name, a.value, a.source, a.override_with
+            )
+        }));
         Sheet {
             title: vec![format!(
                 "Cost of {} {} on {} × {}",
@@ -135,16 +162,7 @@ pub fn render_cost(c: &CostEstimate, format: Format) -> Result<String, Error> {
             headers: vec!["quantity".into(), "value".into()],
             rows,
             numeric: vec![1],
-            notes: c
-                .assumptions
-                .iter()
-                .map(|a| {
-                    format!(
-                        "assumption {} = {} ({}; change with {})",
-                        a.name, a.value, a.source, a.override_with
-                    )
-                })
-                .collect(),
+            notes,
         }
     })
 }
