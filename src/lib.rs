@@ -11,6 +11,7 @@
 //! assert!(est.peak_allocated_bytes.gib() > 10.0 && est.peak_allocated_bytes.gib() < 30.0);
 //! ```
 
+pub mod accuracy;
 pub mod chart;
 pub mod cost;
 pub mod dtype;

@@ -491,7 +491,7 @@ fn finish(
             "caching-allocator fragmentation and rounding: the largest transient block ({block} B, kept cached once split) + {RESIDENT_ROUNDING} × {resident_bytes} B resident"
         ),
         allocated: false,
-        accuracy: "approximate: peak reserved off by a median 2.9%, worst 19% on the H200 measurements",
+        accuracy: crate::accuracy::RESERVED_ACCURACY,
     });
     if sh.optimizer_paged > 0 {
         components.push(Component {

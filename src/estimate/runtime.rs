@@ -3,7 +3,7 @@
 //! - cuBLAS workspace: PyTorch keeps one workspace per (handle, stream); the forward runs on the
 //!   main thread and the backward on autograd's device thread, so a step holds two. On Hopper
 //!   each is 32 MiB (`CUBLAS_WORKSPACE_CONFIG` default `:4096:8`): `base_alloc` = 64 MiB in
-//!   `../shared/groundtruth` (inside `max_memory_allocated`).
+//!   the H200 measurements, `tests/data/h200-pytorch.jsonl` (inside `max_memory_allocated`).
 //! - CUDA context: 648,871,936 B on the H200 with driver 580 / CUDA 13 (NVML used memory before
 //!   and after `torch.cuda.init()`, groundtruth `meta.context`); outside the allocator. It varies
 //!   with GPU, driver and loaded kernels (typically 0.3–0.9 GiB); `--calibration` overrides it.
@@ -95,7 +95,7 @@ impl RuntimeProfile {
     }
 }
 
-/// PyTorch 2.11 on an H200 (`../shared/groundtruth/h200-pytorch.jsonl`, `meta`).
+/// PyTorch 2.11 on an H200 (`tests/data/h200-pytorch.jsonl`, `meta`).
 pub fn pytorch_cuda() -> RuntimeProfile {
     RuntimeProfile {
         name: "pytorch-cuda".into(),

@@ -11,27 +11,17 @@ use crate::gpu::{fit, Gpu};
 use crate::method::Job;
 use crate::units::Bytes;
 
-/// How the estimator's accuracy was measured; the figures follow, from the book.
+/// How the estimator's accuracy was measured; the figures follow.
 const VALIDATION_SETUP: &str = "Peak allocated memory (torch.cuda.max_memory_allocated) was compared with 75 training steps measured on one NVIDIA H200 (PyTorch 2.11, transformers 5.17, peft 0.21, bitsandbytes 0.50.2; full bf16 and fp32-AMP, LoRA and QLoRA on Llama 3.2 1B/3B, Llama 3.1 8B and a Mistral-7B-like config; several batch sizes, sequence lengths, optimizers, SDPA and eager attention, with and without checkpointing). The CUDA context was measured on that GPU and driver only. Per-case table: the book's Validation chapter (book/src/validation.md) and tests/data/ in the memplan repository.";
 
-/// The book's validation chapter, which `cargo test --test groundtruth -- --nocapture`
-/// regenerates; its "Result:" paragraph is quoted in the report, so the page never states
-/// older figures than the book.
-const VALIDATION_BOOK: &str = include_str!("../../book/src/validation.md");
-
-/// The "Result: …" paragraph of the validation chapter, without Markdown emphasis.
-fn validation_result() -> Option<String> {
-    let start = VALIDATION_BOOK.find("Result:")?;
-    let para = VALIDATION_BOOK[start..].split("\n\n").next()?;
-    Some(para.replace("**", "").replace('\n', " "))
-}
-
-/// What the report says about accuracy.
+/// What the report says about accuracy: the figures of [`crate::accuracy`], which the book and
+/// `--explain` quote too.
 pub fn validation_summary() -> String {
-    match validation_result() {
-        Some(result) => format!("{VALIDATION_SETUP} {result}"),
-        None => VALIDATION_SETUP.to_string(),
-    }
+    format!(
+        "{VALIDATION_SETUP} Result: peak allocated {}; peak reserved (approximate) {}.",
+        crate::accuracy::ALLOCATED_SUMMARY,
+        crate::accuracy::RESERVED_SUMMARY
+    )
 }
 
 const CSS: &str = "

@@ -217,7 +217,7 @@ fn estimate_sheet(job: &Job, est: &Estimate, fit: Option<&Fit>, explain: bool) -
             .join(", ")
     ));
     if explain {
-        notes.push("Accuracy: median 0.03%, worst 2.3% against 75 measured H200 steps (book: Validation). Allocator reserve and CUDA context are approximate (±10%).".into());
+        notes.push(crate::accuracy::explain_note());
     }
     Sheet {
         title,
