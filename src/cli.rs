@@ -332,12 +332,16 @@ pub struct JobSettings {
     /// Keep every layer's activations (transformers' Trainer default, gradient_checkpointing=False).
     #[arg(long)]
     pub no_grad_checkpointing: bool,
-    /// sdpa, eager or flash.
-    #[arg(long, default_value = "sdpa")]
-    pub attention: String,
+    /// sdpa, eager or flash [default: sdpa; eager for models transformers runs eager-only].
+    #[arg(long)]
+    pub attention: Option<String>,
     /// QLoRA with peft's prepare_model_for_kbit_training (fp32 non-quantized parameters).
     #[arg(long)]
     pub kbit_prep: bool,
+    /// MoE under QLoRA: quantize the fused experts one expert at a time (as transformers 4.x and
+    /// some trainers do); by default transformers 5 + bitsandbytes keep them in 16 bit.
+    #[arg(long)]
+    pub quantize_experts: bool,
 }
 
 impl JobSettings {
@@ -369,8 +373,11 @@ impl JobSettings {
         job.batch = batch.into();
         job.seq = seq.into();
         job.grad_checkpointing = self.checkpointing(job.method);
-        job.attention = self.attention.parse::<Attention>()?;
+        if let Some(a) = &self.attention {
+            job.attention = a.parse::<Attention>()?;
+        }
         job.kbit_prep = self.kbit_prep;
+        job.quantize_experts = self.quantize_experts;
         job.validate()?;
         Ok(job)
     }
@@ -528,9 +535,9 @@ pub struct FitArgs {
     /// Sequence length the micro-batch search runs at (4k = 4096).
     #[arg(long, default_value_t = 2048, allow_negative_numbers = true, value_parser = seq_len)]
     pub seq: u64,
-    /// sdpa, eager or flash.
-    #[arg(long, default_value = "sdpa")]
-    pub attention: String,
+    /// sdpa, eager or flash [default: sdpa; eager for models transformers runs eager-only].
+    #[arg(long)]
+    pub attention: Option<String>,
     /// LoRA rank of the LoRA/QLoRA plans.
     #[arg(long, default_value_t = 16, allow_negative_numbers = true, value_parser = positive_int)]
     pub rank: u64,
@@ -564,7 +571,9 @@ impl FitArgs {
             l.dropout = self.lora_dropout;
         }
         job.seq = self.seq.into();
-        job.attention = self.attention.parse::<Attention>()?;
+        if let Some(a) = &self.attention {
+            job.attention = a.parse::<Attention>()?;
+        }
         job.sharding = self.shard.sharding()?;
         job.validate()?;
         Ok(job)
@@ -753,7 +762,11 @@ impl ProbeArgs {
             rank: self.rank,
             alpha: self.alpha,
             dropout: self.lora_dropout,
-            targets: parse_targets(&self.lora_targets)?,
+            // The probe's decoder is a dense Llama layer: all-linear reaches its seven projections.
+            targets: parse_targets(&self.lora_targets)?
+                .into_iter()
+                .filter(|k| memplan::method::dense_all_linear().contains(k))
+                .collect(),
             double_quant: !self.no_double_quant,
             nf4: !self.fp32_base,
             batch: pick(self.batch, 2, 2),

@@ -33,7 +33,7 @@ pub enum Error {
     #[error("{path}: field `{field}` {problem}")]
     ConfigField {
         path: PathBuf,
-        field: &'static str,
+        field: String,
         problem: String,
     },
 

@@ -10,13 +10,13 @@ use std::path::Path;
 
 use crate::error::Error;
 
-/// Largest input file memplan reads. The largest real `config.json` files (DeepSeek-V3 with its
-/// quantization block, multimodal wrappers) are under 20 KB and the GPU presets file is ~10 KB;
-/// 1 MiB leaves room for comments and many `[[gpu]]` entries.
+/// Largest GPU or calibration file memplan reads: the GPU presets file is ~10 KB; 1 MiB leaves
+/// room for comments and many `[[gpu]]` entries. (config.json: [`crate::model::config::MAX_CONFIG_BYTES`].)
 pub const MAX_INPUT_BYTES: u64 = 1 << 20;
 
-/// Reads `path` as text. `what` names the kind of file in errors ("config.json", "GPU file").
-pub fn read_input(path: &Path, what: &str) -> Result<String, Error> {
+/// Reads `path` as text, at most `limit` bytes. `what` names the kind of file in errors
+/// ("config.json", "GPU file").
+pub fn read_input(path: &Path, what: &str, limit: u64) -> Result<String, Error> {
     let bad = |problem: String| Error::InputFile {
         path: path.to_path_buf(),
         problem,
@@ -37,19 +37,19 @@ pub fn read_input(path: &Path, what: &str) -> Result<String, Error> {
     let too_big = || {
         bad(format!(
             "is larger than {} KiB; a {what} is a few KiB",
-            MAX_INPUT_BYTES >> 10
+            limit >> 10
         ))
     };
-    if meta.len() > MAX_INPUT_BYTES {
+    if meta.len() > limit {
         return Err(too_big());
     }
     let mut bytes = Vec::new();
     std::fs::File::open(path)
         .map_err(io)?
-        .take(MAX_INPUT_BYTES + 1)
+        .take(limit + 1)
         .read_to_end(&mut bytes)
         .map_err(io)?;
-    if bytes.len() as u64 > MAX_INPUT_BYTES {
+    if bytes.len() as u64 > limit {
         return Err(too_big());
     }
     String::from_utf8(bytes).map_err(|e| {
@@ -69,30 +69,37 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.toml");
         std::fs::write(&p, "x = 1\n").unwrap();
-        assert_eq!(read_input(&p, "GPU file").unwrap(), "x = 1\n");
+        assert_eq!(
+            read_input(&p, "GPU file", MAX_INPUT_BYTES).unwrap(),
+            "x = 1\n"
+        );
     }
 
     #[test]
     fn refuses_directories_devices_large_and_binary_files() {
         let dir = tempfile::tempdir().unwrap();
-        let e = read_input(dir.path(), "config.json")
+        let e = read_input(dir.path(), "config.json", MAX_INPUT_BYTES)
             .unwrap_err()
             .to_string();
         assert!(e.contains("a directory"), "{e}");
         #[cfg(unix)]
         {
-            let e = read_input(Path::new("/dev/zero"), "config.json")
+            let e = read_input(Path::new("/dev/zero"), "config.json", MAX_INPUT_BYTES)
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("not a regular file"), "{e}");
         }
         let big = dir.path().join("big.json");
         std::fs::write(&big, vec![b' '; MAX_INPUT_BYTES as usize + 1]).unwrap();
-        let e = read_input(&big, "config.json").unwrap_err().to_string();
+        let e = read_input(&big, "config.json", MAX_INPUT_BYTES)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("larger than 1024 KiB"), "{e}");
         let bin = dir.path().join("bin.json");
         std::fs::write(&bin, [b'{', 0xff, b'}']).unwrap();
-        let e = read_input(&bin, "config.json").unwrap_err().to_string();
+        let e = read_input(&bin, "config.json", MAX_INPUT_BYTES)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not UTF-8"), "{e}");
     }
 }

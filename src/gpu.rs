@@ -158,7 +158,7 @@ impl Catalogue {
     pub fn load(path: Option<&Path>) -> Result<Catalogue, Error> {
         let mut c = Catalogue::default();
         if let Some(p) = path {
-            let text = crate::files::read_input(p, "GPU file")?;
+            let text = crate::files::read_input(p, "GPU file", crate::files::MAX_INPUT_BYTES)?;
             c.with_file(&text, &p.display().to_string())?;
         }
         Ok(c)

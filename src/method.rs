@@ -94,6 +94,9 @@ pub struct Job {
     pub grad_checkpointing: bool,
     pub attention: Attention,
     pub kbit_prep: bool,
+    /// Quantize fused MoE experts one expert at a time (transformers 4.x, some trainers);
+    /// transformers 5 + bitsandbytes leave them in 16 bit.
+    pub quantize_experts: bool,
     pub runtime: Runtime,
     /// Data-parallel sharding (ZeRO / FSDP); `None` is one GPU.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -109,6 +112,7 @@ impl Job {
         } else {
             Precision::Bf16
         };
+        let model_eager_only = model.recipe.eager_only.is_some();
         Job {
             model,
             method,
@@ -124,8 +128,13 @@ impl Job {
             batch: 1,
             seq: 2048,
             grad_checkpointing: false,
-            attention: Attention::Sdpa,
+            attention: if model_eager_only {
+                Attention::Eager
+            } else {
+                Attention::Sdpa
+            },
             kbit_prep: false,
+            quantize_experts: false,
             runtime: Runtime::Pytorch,
             sharding: None,
         }
@@ -208,18 +217,23 @@ impl Job {
             if !(0.0..1.0).contains(&l.dropout) {
                 return bad(format!("--lora-dropout {} must be in [0, 1)", l.dropout));
             }
-            let max_rank = self
-                .model
-                .layer_linears()
+            let max_rank = crate::estimate::resident::lora_modules(self)
                 .iter()
-                .filter(|m| l.targets.contains(&m.kind))
-                .map(|m| m.in_features.min(m.out_features))
+                .map(|(m, _)| m.in_f.min(m.out_f))
                 .min()
                 .unwrap_or(0);
             if l.rank > max_rank {
                 return bad(format!(
                     "--rank {} exceeds the smallest targeted layer dimension ({max_rank}): a LoRA update cannot have higher rank than its matrix",
                     l.rank
+                ));
+            }
+        }
+        if let Some(why) = &self.model.recipe.eager_only {
+            if self.attention != Attention::Eager {
+                return bad(format!(
+                    "--attention {}: {why}; drop --attention or pass --attention eager",
+                    self.attention
                 ));
             }
         }
@@ -233,8 +247,15 @@ impl Job {
     }
 }
 
-/// peft's `all-linear` for Llama-style decoders: q, k, v, o, gate, up, down.
+/// peft's `all-linear`: every projection kind; which modules it reaches is the recipe's to say
+/// (`nn.Linear` modules except the output layer, and fused expert parameters where peft maps
+/// them through `target_parameters`).
 pub fn all_linear() -> Vec<LinearKind> {
+    LinearKind::ALL.to_vec()
+}
+
+/// The seven projections of a dense Llama-style layer (what `all-linear` reaches there).
+pub fn dense_all_linear() -> Vec<LinearKind> {
     vec![
         LinearKind::Q,
         LinearKind::K,
@@ -252,13 +273,28 @@ pub fn parse_targets(text: &str) -> Result<Vec<LinearKind>, Error> {
         Error::InvalidValue {
         flag: "--lora-targets",
         value: text.to_string(),
-        expected: "all-linear, attention, mlp, or a comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        expected: "all-linear, attention, mlp, or a comma list of module names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, qkv_proj, gate_up_proj, q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, router)",
     }
     };
     let mut out = match text.trim() {
         "all-linear" | "all" => all_linear(),
-        "attention" | "attn" => vec![LinearKind::Q, LinearKind::K, LinearKind::V, LinearKind::O],
-        "mlp" => vec![LinearKind::Gate, LinearKind::Up, LinearKind::Down],
+        "attention" | "attn" => vec![
+            LinearKind::Q,
+            LinearKind::K,
+            LinearKind::V,
+            LinearKind::O,
+            LinearKind::Qkv,
+            LinearKind::QA,
+            LinearKind::QB,
+            LinearKind::KvA,
+            LinearKind::KvB,
+        ],
+        "mlp" => vec![
+            LinearKind::Gate,
+            LinearKind::Up,
+            LinearKind::Down,
+            LinearKind::GateUp,
+        ],
         list => list
             .split(',')
             .map(|s| LinearKind::from_module_name(s.trim()).ok_or_else(invalid))
@@ -331,7 +367,7 @@ mod tests {
 
     #[test]
     fn targets_parse() {
-        assert_eq!(parse_targets("attention").unwrap().len(), 4);
+        assert_eq!(parse_targets("attention").unwrap().len(), 9);
         assert_eq!(
             parse_targets("v_proj,q_proj").unwrap(),
             vec![LinearKind::Q, LinearKind::V]

@@ -1,34 +1,49 @@
-//! Activations: the tensors autograd saves for backward, per decoder layer, and the transient
-//! buffers of each layer's forward and backward.
+//! The PyTorch rules of each op kind of a [`LayerRecipe`]: what autograd saves for backward,
+//! what the op allocates transiently forward and backward, which parameter gradients its
+//! backward creates. Walking a layer's ops with these rules gives its tensor inventory
+//! ([`inventory`]); `super::train_step` replays it as tensor-level events.
 //!
-//! The inventory follows what the PyTorch ops in transformers' Llama decoder layer save
-//! (`torch/csrc/autograd/generated` derivatives: an op saves an input only when the gradient of
-//! another input needs it), checked tensor by tensor against `../shared/groundtruth`:
-//! - `LlamaRMSNorm` upcasts its input to fp32 (`pow` and `mul` save that 4·h copy and the 4-byte
-//!   rsqrt); `weight * x.to(dtype)` saves the normalized copy only when the norm weight trains.
+//! The rules follow PyTorch 2.11's derivatives (`tools/autograd/derivatives.yaml`: an op saves an
+//! input only when another input's gradient needs it), transformers 5.17's modules, peft 0.21
+//! and bitsandbytes 0.50.2, and were checked tensor by tensor against the H200 measurements in
+//! `tests/data` and the meta-tensor traces in `tests/data/reference`:
+//! - RMSNorm (`LlamaRMSNorm`) upcasts its input to fp32 (`pow` and `mul` save that 4·w copy and
+//!   the 4-byte rsqrt per group); `weight * x.to(dtype)` saves the normalized copy only when the
+//!   weight trains. Gemma's norm multiplies by `1 + weight.float()` in fp32 (a 4·w normalized
+//!   copy when the weight trains); OLMo-2's multiplies `weight * x` in fp32. `nn.LayerNorm`
+//!   (`native_layer_norm`) saves its input and fp32 mean and rstd.
 //! - `nn.Linear` saves its input only when its weight trains; a frozen (or bitsandbytes 4-bit,
-//!   `MatMul4Bit`) base saves nothing. Under autocast each Linear casts its input itself, so q, k
-//!   and v (and gate, up) each save their own 16-bit copy.
-//! - peft LoRA casts the input to the adapter dtype (fp32) per module, then dropout: saved are
-//!   the fp32 dropout output and its bool mask (5 B/element), or the fp32 copy (4 B) without
-//!   dropout, or nothing extra when the input already is fp32 and dropout is off; lora_B saves
-//!   lora_A's fp32 output (4·r B/token per module).
-//! - RoPE saves only cos/sin. SDPA (flash / memory-efficient) saves q, k, v, its output and an
-//!   fp32 log-sum-exp per head; with GQA and no mask it runs without repeating k/v
-//!   (`enable_gqa`). Its output, transposed back, is contiguous and is o_proj's input.
-//! - Eager attention repeats k and v to all heads and saves the fp32 softmax (4 B) and its 16-bit
-//!   cast (2 B) per score: 6 B × heads × s² per sequence.
-//! - SwiGLU: `silu` saves its input, `mul` saves both factors, `down_proj` its input.
+//!   `MatMul4Bit`) base saves nothing. Under autocast each Linear casts its input itself (its own
+//!   16-bit copy) and keeps a 16-bit copy of its weight until its backward.
+//! - peft LoRA casts the input to the adapter dtype (fp32) per module, then dropout: saved are the
+//!   fp32 dropout output and its bool mask (5 B/element), or the fp32 copy (4 B) without dropout,
+//!   or the shared input itself when it already is fp32; lora_B saves lora_A's fp32 output
+//!   (4·r B/token per module).
+//! - RoPE saves only cos/sin. SDPA without a mask runs flash attention, which saves q, k, v, its
+//!   output and an fp32 log-sum-exp per head, without repeating k/v (`enable_gqa`); its output,
+//!   transposed back, is o_proj's input. With a sliding-window mask (sequence ≥ window) SDPA runs
+//!   memory-efficient attention: k and v repeated to all heads (`repeat_kv`) and the boolean mask
+//!   converted to a 16-bit additive bias, saved per layer. A view saved for backward keeps its
+//!   whole storage alive: a fused `qkv_proj` or `gate_up_proj` output stays whole.
+//! - Eager attention repeats k and v to all heads (unless heads == kv heads) and saves the fp32
+//!   softmax (4 B) and its 16-bit cast (2 B) per score; Gemma 2's soft-capping adds the saved tanh
+//!   output (2 B); gpt-oss's sinks run the softmax in the scores' dtype (2 B per score, instead of
+//!   6).
+//! - Gated MLPs: `act(gate)` saves gate, `mul` saves both factors (SwiGLU, GeGLU); gpt-oss's
+//!   clamped SwiGLU saves the fused output, the clamped gate, sigmoid, `up + 1` and the product.
+//! - MoE (transformers 5 fused experts): per expert, the routed tokens are gathered (saved when
+//!   the expert weights train), `gate_up` output, activation and product as above, the down
+//!   output (saved by the routing-weight multiply) and the index; the router's fp32 softmax and
+//!   top-k weights and indices. Tokens are split evenly over the experts (k of E per token):
+//!   real routing is data-dependent, and the balanced split is what the load-balancing loss aims
+//!   at; expect the activations of a skewed batch to differ by a few percent.
 //!
-//! Measured residuals (per token per layer, all cases in the book): full bf16 SDPA within 0.2%,
-//! LoRA within 0.1%, LoRA dropout copies within 2%, fp32+bf16 autocast within 1%.
-//! Backward transients (gradient buffers of the largest module) are modelled per module from the
-//! same op rules; they decide the peak only with gradient checkpointing and small vocabularies,
-//! and agree with the one such measured case within 5% of the layer's working set.
+//! Backward transients (gradient buffers of each module) follow the same rules; the backward of
+//! a block runs op by op in reverse, each op freeing what it saved once it has run.
 
+use crate::arch::{Act, AttnSpec, Dt, Experts, LayerRecipe, NormKind, OpKind, Proj, T};
 use crate::dtype::Precision;
 use crate::method::{Attention, Job, Method};
-use crate::model::{Linear, LinearKind};
 
 use super::resident::{dense_param_bytes, ADAPTER_BYTES};
 
@@ -66,286 +81,432 @@ impl Dtypes {
             autocast,
         }
     }
+
+    pub fn of_class(&self, dt: Dt) -> u128 {
+        match dt {
+            Dt::Residual => self.residual,
+            Dt::LinearOut => self.linear_out,
+            Dt::Fp32 => 4,
+        }
+    }
 }
 
-/// Per-layer memory profile for a given number of tokens (all values in bytes).
+/// A tensor saved for backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    /// A tensor of the layer (an op's output or the layer input), counted once however many ops
+    /// save it; freed after the backward of the first op (in forward order) that saves it.
+    Shared(T),
+    /// A tensor the op creates for itself (a cast, a mask, statistics): bytes.
+    Own(u128),
+}
+
+/// What one op costs, for a given number of tokens.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct LayerProfile {
-    /// Saved for backward by the attention half (input norm … o_proj).
-    pub attn_saved: u128,
-    /// Saved by the MLP half (post-attention norm … down_proj).
-    pub mlp_saved: u128,
-    /// The checkpointed layer input (gradient checkpointing keeps only this).
+pub struct OpCost {
+    pub saved: Vec<Saved>,
+    /// Extra bytes alive while the op's forward runs (dequantized weights, fp32 LoRA sums,
+    /// eager scores).
+    pub fwd_transient: u128,
+    /// Bytes the op would save that, under checkpointing, only live until their consumer ran.
+    pub ckpt_transient: u128,
+    /// Extra bytes alive while the op's backward runs (input and adapter gradients).
+    pub bwd_transient: u128,
+    /// Parameter gradients the op's backward creates (bytes each).
+    pub grads: Vec<u128>,
+}
+
+/// A layer's inventory for `tokens` tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerInventory {
+    pub ops: Vec<OpCost>,
+    /// Bytes of each tensor of the layer (what a `Saved::Shared` costs).
+    pub tensor_bytes: Vec<u128>,
+    /// The residual block of each op.
+    pub blocks: Vec<u8>,
+    /// The layer input (what checkpointing keeps).
     pub input: u128,
     /// Peak of extra buffers while the layer's forward runs.
     pub fwd_transient: u128,
-    /// Extra buffers while the MLP half's backward runs (largest module).
-    pub mlp_bwd_transient: u128,
-    /// Extra buffers while the attention half's backward runs.
-    pub attn_bwd_transient: u128,
-    /// Parameter gradients created by each half's backward.
-    pub attn_grads: u128,
-    pub mlp_grads: u128,
-    /// Per-token saved bytes of each half (for --explain).
-    pub attn_saved_per_token: u128,
-    pub mlp_saved_per_token: u128,
+    /// The two residual-stream gradients alive through each block's backward (incoming and
+    /// outgoing), bytes each.
+    pub residual_grad: u128,
 }
 
-impl LayerProfile {
+impl LayerInventory {
+    /// All saved bytes (shared tensors once).
     pub fn saved(&self) -> u128 {
-        self.attn_saved + self.mlp_saved
-    }
-}
-
-/// How the Linear consumers of one input tensor keep it for backward.
-struct Consumers {
-    /// Per-token bytes of copies each consumer saves for itself.
-    own_copies: u128,
-    /// Whether some consumer saves the shared input tensor itself.
-    saves_shared: bool,
-}
-
-fn consumers(job: &Job, dt: &Dtypes, input_bytes: u128, modules: &[Linear]) -> Consumers {
-    let mut c = Consumers {
-        own_copies: 0,
-        saves_shared: false,
-    };
-    let lora = job.lora.as_ref();
-    for m in modules {
-        let n = m.in_features * m.copies_per_token_num() / m.tokens_den;
-        if job.method == Method::Full {
-            if dt.autocast && input_bytes != dt.compute {
-                c.own_copies += dt.compute * n;
-            } else if m.copies > 1 {
-                // MoE experts gather their tokens into new tensors.
-                c.own_copies += input_bytes * n;
-            } else {
-                c.saves_shared = true;
-            }
-        } else if let Some(l) = lora.filter(|l| l.targets.contains(&m.kind)) {
-            // lora_B (a trainable nn.Linear) saves its input: lora_A's fp32 output, r wide.
-            let tokens = m.copies_per_token_num() / m.tokens_den.max(1);
-            c.own_copies += ADAPTER_BYTES * l.rank * tokens.max(1);
-            if l.dropout > 0.0 {
-                c.own_copies += (ADAPTER_BYTES + 1) * n;
-            } else if input_bytes == ADAPTER_BYTES && m.copies == 1 {
-                c.saves_shared = true;
-            } else {
-                c.own_copies += ADAPTER_BYTES * n;
+        let mut seen = vec![false; self.tensor_bytes.len()];
+        let mut total = 0;
+        for op in &self.ops {
+            for s in &op.saved {
+                match *s {
+                    Saved::Own(b) => total += b,
+                    Saved::Shared(t) if !seen[t] => {
+                        seen[t] = true;
+                        total += self.tensor_bytes[t];
+                    }
+                    Saved::Shared(_) => {}
+                }
             }
         }
+        total
     }
-    c
-}
 
-trait TokenShare {
-    fn copies_per_token_num(&self) -> u128;
-}
-
-impl TokenShare for Linear {
-    /// Token-copies per batch token across all copies (k for k-of-E experts, else 1), as the
-    /// numerator over `tokens_den`.
-    fn copies_per_token_num(&self) -> u128 {
-        self.copies * self.tokens_num
+    pub fn grads(&self) -> u128 {
+        self.ops.iter().flat_map(|o| o.grads.iter()).sum()
     }
 }
 
-/// Per-token transient bytes of one module's backward (gradient buffers), plus the absolute
-/// bytes of a dequantized weight for quantized bases.
-fn module_bwd_transient(job: &Job, dt: &Dtypes, m: &Linear, tokens: u128) -> u128 {
-    let share = |bytes: u128| tokens * bytes * m.copies_per_token_num() / m.tokens_den;
-    let grad_in = share(dt.linear_out * m.in_features);
-    let lora_targeted = job
-        .lora
-        .as_ref()
-        .is_some_and(|l| l.targets.contains(&m.kind));
-    let mut t = grad_in;
-    if lora_targeted {
-        // fp32 gradient of the LoRA sum, its 16-bit cast for the base (when the output is not
-        // fp32), the scaled copy for lora_B, and lora_A's fp32 input gradient.
+/// The context an op's rule sees.
+struct Ctx<'a> {
+    job: &'a Job,
+    dt: Dtypes,
+    tokens: u128,
+    full: bool,
+}
+
+impl Ctx<'_> {
+    fn lora(&self, p: &Proj) -> Option<&crate::method::LoraSettings> {
+        if p.module != crate::arch::Module::Linear {
+            return None;
+        }
+        self.job
+            .lora
+            .as_ref()
+            .filter(|_| matches!(self.job.method, Method::Lora | Method::Qlora))
+            .filter(|l| l.targets.contains(&p.kind))
+    }
+
+    fn quantized(&self, p: &Proj) -> bool {
+        matches!(self.job.weights, Precision::Nf4 | Precision::Int8)
+            && p.module == crate::arch::Module::Linear
+    }
+
+    fn param_bytes(&self) -> u128 {
+        dense_param_bytes(self.job)
+    }
+}
+
+/// The inventory of `layer` for `tokens` tokens. `input_grad`: whether the layer input requires
+/// a gradient (false for the first layer of a frozen base, whose embedding output needs none —
+/// unless peft's `enable_input_require_grads` hook is on).
+pub fn inventory(job: &Job, layer: &LayerRecipe, tokens: u128, input_grad: bool) -> LayerInventory {
+    let cx = Ctx {
+        job,
+        dt: Dtypes::of(job),
+        tokens,
+        full: job.method == Method::Full,
+    };
+    let n = layer.tensors.len();
+    let mut rg = vec![false; n];
+    rg[0] = input_grad;
+    let tensor_bytes: Vec<u128> = layer
+        .tensors
+        .iter()
+        .map(|t| tokens * t.width * cx.dt.of_class(t.dt))
+        .collect();
+    let mut ops = Vec::with_capacity(layer.ops.len());
+    for op in &layer.ops {
+        let in_rg = op.inputs.iter().any(|&i| rg[i]);
+        let (cost, trains) = op_cost(&cx, layer, &op.kind, &op.inputs, in_rg);
+        rg[op.output] = in_rg || trains;
+        ops.push(cost);
+    }
+    let max_fwd = ops.iter().map(|o| o.fwd_transient).max().unwrap_or(0);
+    let ckpt: u128 = ops.iter().map(|o| o.ckpt_transient).sum();
+    LayerInventory {
+        input: tensor_bytes[0],
+        fwd_transient: max_fwd + if job.grad_checkpointing { ckpt } else { 0 },
+        residual_grad: tokens * cx.dt.residual * layer.tensors[0].width,
+        blocks: layer.ops.iter().map(|o| o.block).collect(),
+        tensor_bytes,
+        ops,
+    }
+}
+
+/// One op's cost and whether it owns a trainable parameter.
+fn op_cost(
+    cx: &Ctx,
+    layer: &LayerRecipe,
+    op: &OpKind,
+    inputs: &[T],
+    in_rg: bool,
+) -> (OpCost, bool) {
+    let t = cx.tokens;
+    let width = |i: T| layer.tensors[i].width;
+    let bytes_of = |i: T| cx.dt.of_class(layer.tensors[i].dt);
+    let mut c = OpCost::default();
+    match op {
+        OpKind::Norm(n) => {
+            let trains = cx.full && n.weight > 0;
+            let x = inputs[0];
+            let w = n.width;
+            if in_rg {
+                match n.kind {
+                    // native_layer_norm saves its input, fp32 mean and rstd.
+                    NormKind::Layer => {
+                        c.saved.push(Saved::Shared(x));
+                        c.saved.push(Saved::Own(t * 8 * n.groups));
+                    }
+                    // fp32 input copy and rsqrt.
+                    _ => c.saved.push(Saved::Own(t * (4 * w + 4 * n.groups))),
+                }
+            }
+            if trains {
+                let normed = match n.kind {
+                    NormKind::Rms => bytes_of(x),
+                    NormKind::RmsGemma | NormKind::RmsFp32Weight => 4,
+                    NormKind::Layer | NormKind::L2 => 0,
+                };
+                if normed > 0 {
+                    c.saved.push(Saved::Own(t * normed * w));
+                }
+                c.grads.push(n.param_count() * cx.param_bytes());
+            }
+            (c, trains)
+        }
+        OpKind::Linear(p) => linear(cx, p, inputs[0], bytes_of(inputs[0])),
+        OpKind::Router(r) => {
+            let (mut c, trains) = linear(cx, &r.proj, inputs[0], bytes_of(inputs[0]));
+            if in_rg || trains {
+                // fp32 softmax over the experts, top-k weights (fp32) and int64 indices.
+                c.saved.push(Saved::Own(t * (4 * r.experts + 12 * r.top_k)));
+            }
+            (c, trains)
+        }
+        OpKind::Attention(a) => {
+            let trains = cx.full && a.sinks;
+            if in_rg || trains {
+                attention(cx, a, inputs[2], op_output_of(layer, inputs), &mut c);
+            } else {
+                c.fwd_transient = attention_fwd_transient(cx, a);
+            }
+            if trains {
+                c.grads.push(a.heads * cx.param_bytes());
+            }
+            (c, trains)
+        }
+        OpKind::Glu(act) => {
+            let (g, u) = (inputs[0], inputs[1]);
+            let a = bytes_of(g);
+            let i = match act {
+                _ if g == u => width(g) / 2,
+                _ => width(g),
+            };
+            let mut saved = vec![Saved::Shared(g)];
+            if u != g {
+                saved.push(Saved::Shared(u));
+            }
+            let own_factor = match act {
+                Act::Silu | Act::GeluTanh => 1,
+                Act::ClampedSwiglu => 4,
+            };
+            saved.push(Saved::Own(t * own_factor * a * i));
+            let bytes = |s: &Saved| match *s {
+                Saved::Own(b) => b,
+                Saved::Shared(x) => t * width(x) * bytes_of(x),
+            };
+            c.ckpt_transient = saved.iter().map(bytes).sum();
+            if in_rg {
+                c.saved = saved;
+            }
+            (c, false)
+        }
+        OpKind::Experts(e) => experts(cx, e, in_rg),
+        OpKind::Add | OpKind::Scale => (c, false),
+    }
+}
+
+/// The op whose inputs are `inputs` (to find the attention output tensor).
+fn op_output_of(layer: &LayerRecipe, inputs: &[T]) -> T {
+    layer
+        .ops
+        .iter()
+        .find(|o| o.inputs == inputs && matches!(o.kind, OpKind::Attention(_)))
+        .map_or(0, |o| o.output)
+}
+
+/// `nn.Linear` (and peft's LoRA around it; bitsandbytes' 4-bit matmul).
+fn linear(cx: &Ctx, p: &Proj, x: T, x_bytes: u128) -> (OpCost, bool) {
+    let mut c = OpCost::default();
+    let t = cx.tokens;
+    let dt = cx.dt;
+    let trains = cx.full;
+    let dequant = if cx.quantized(p) {
+        p.in_f * p.out_f * dt.compute
+    } else {
+        0
+    };
+    c.fwd_transient = dequant;
+    if trains {
+        if dt.autocast && x_bytes != dt.compute {
+            c.saved.push(Saved::Own(t * dt.compute * p.in_f));
+        } else {
+            c.saved.push(Saved::Shared(x));
+        }
+        if dt.autocast {
+            // Autocast's cached 16-bit weight copy lives until this layer's backward.
+            c.saved.push(Saved::Own(p.in_f * p.out_f * dt.compute));
+        }
+        c.grads
+            .push((p.in_f * p.out_f + if p.bias { p.out_f } else { 0 }) * cx.param_bytes());
+    }
+    let lora = cx.lora(p);
+    if let Some(l) = lora {
+        // lora_B (a trainable nn.Linear) saves its input: lora_A's fp32 output, r wide.
+        c.saved.push(Saved::Own(t * ADAPTER_BYTES * l.rank));
+        if l.dropout > 0.0 {
+            c.saved.push(Saved::Own(t * (ADAPTER_BYTES + 1) * p.in_f));
+        } else if x_bytes == ADAPTER_BYTES {
+            c.saved.push(Saved::Shared(x));
+        } else {
+            c.saved.push(Saved::Own(t * ADAPTER_BYTES * p.in_f));
+        }
+        // fp32 LoRA output and the fp32 sum before the cast back (peft `result + lora_out`).
+        c.fwd_transient += t * 8 * p.out_f;
+        c.grads.push(l.rank * (p.in_f + p.out_f) * ADAPTER_BYTES);
+    }
+    // Backward: the input gradient; with LoRA the fp32 gradient of the sum, its 16-bit cast for
+    // the base (when the output is not fp32), the scaled copy for lora_B, and lora_A's fp32 input
+    // gradient; the dequantized weight again.
+    let mut bwd = t * dt.linear_out * p.in_f + dequant;
+    if lora.is_some() {
         let cast = if dt.linear_out == 4 { 0 } else { dt.linear_out };
-        t += share((4 + cast + 4) * m.out_features) + share(4 * m.in_features);
+        bwd += t * ((4 + cast + 4) * p.out_f + 4 * p.in_f);
     }
-    t + dequantized_weight(job, dt, m)
+    c.bwd_transient = bwd;
+    (c, trains || lora.is_some())
 }
 
-/// bitsandbytes dequantizes a 4-bit (or int8) weight to the compute dtype for each matmul,
-/// forward and backward (`MatMul4Bit`, `MatMul8bitLt`); the copy lives for that matmul only.
-fn dequantized_weight(job: &Job, dt: &Dtypes, m: &Linear) -> u128 {
-    match job.weights {
-        Precision::Nf4 | Precision::Int8 => m.in_features * m.out_features * dt.compute,
+/// Whether SDPA needs a mask for this layer (and so runs memory-efficient attention): a sliding
+/// window no longer than the sequence (transformers `sdpa_mask` skips the mask when
+/// `kv_length < local_attention_size` and nothing is padded).
+pub fn sdpa_masked(job: &Job, a: &AttnSpec) -> bool {
+    a.window.is_some_and(|w| job.seq >= w)
+}
+
+fn attention_fwd_transient(cx: &Ctx, a: &AttnSpec) -> u128 {
+    match cx.job.attention {
+        Attention::Eager => cx.tokens * 2 * cx.dt.compute * a.heads * cx.job.seq,
         _ => 0,
     }
 }
 
-fn trainable_grads(job: &Job, modules: &[Linear], norm_params: u128) -> u128 {
-    match job.method {
-        Method::Full => {
-            let w = dense_param_bytes(job);
-            modules
-                .iter()
-                .map(|m| (m.weight_params() + m.bias_params()) * w)
-                .sum::<u128>()
-                + norm_params * w
+fn attention(cx: &Ctx, a: &AttnSpec, v: T, out: T, c: &mut OpCost) {
+    let t = cx.tokens;
+    let s_b = cx.dt.attention;
+    let (q, kv) = (a.heads * a.qk_head_dim, a.kv_heads * a.qk_head_dim);
+    let vq = a.heads * a.v_head_dim;
+    let seq = cx.job.seq;
+    c.fwd_transient = attention_fwd_transient(cx, a);
+    match cx.job.attention {
+        Attention::Sdpa | Attention::Flash
+            if !(cx.job.attention == Attention::Sdpa && sdpa_masked(cx.job, a)) =>
+        {
+            // Flash attention: roped q and k, v (a view of its projection's output), the output
+            // (o_proj's input) and the fp32 log-sum-exp per head.
+            c.saved.push(Saved::Own(t * s_b * (q + kv)));
+            c.saved.push(Saved::Shared(v));
+            c.saved.push(Saved::Shared(out));
+            c.saved.push(Saved::Own(t * 4 * a.heads));
+            c.bwd_transient = t * (s_b * (2 * q + 2 * kv) + 4 * a.heads);
         }
-        Method::Lora | Method::Qlora => {
-            let r = job.lora.as_ref().map_or(0, |l| l.rank);
-            modules
-                .iter()
-                .filter(|m| {
-                    job.lora
-                        .as_ref()
-                        .is_some_and(|l| l.targets.contains(&m.kind))
-                })
-                .map(|m| r * (m.in_features + m.out_features) * m.copies * ADAPTER_BYTES)
-                .sum()
+        Attention::Sdpa | Attention::Flash => {
+            // Memory-efficient attention with the window mask: k and v repeated to every head,
+            // the mask converted to a 16-bit additive bias (b·s·s per layer).
+            c.saved.push(Saved::Own(t * s_b * (2 * q + vq)));
+            c.saved.push(Saved::Shared(out));
+            c.saved.push(Saved::Own(t * 4 * a.heads));
+            c.saved.push(Saved::Own(t * seq * cx.dt.compute));
+            c.bwd_transient = t * (s_b * (3 * q + vq) + 4 * a.heads);
         }
-        Method::Inference => 0,
+        Attention::Eager => {
+            let repeated = a.kv_heads != a.heads;
+            // q, k (roped; repeated for GQA), v (repeated, or its projection's output).
+            c.saved
+                .push(Saved::Own(t * s_b * (q + if repeated { q } else { kv })));
+            if repeated {
+                c.saved.push(Saved::Own(t * s_b * vq));
+            } else {
+                c.saved.push(Saved::Shared(v));
+            }
+            let per_score = if a.sinks {
+                s_b
+            } else {
+                4 + s_b + if a.softcap { s_b } else { 0 }
+            };
+            c.saved.push(Saved::Own(t * per_score * a.heads * seq));
+            c.bwd_transient = t * (10 * a.heads * seq + 3 * s_b * q);
+        }
     }
 }
 
-/// Saved bytes per token of one RMSNorm over `width` elements.
-pub fn norm_saved_per_token(job: &Job, dt: &Dtypes, width: u128) -> u128 {
-    // fp32 input copy + rsqrt; the normalized copy only when the norm weight trains.
-    let normed = if job.method == Method::Full {
-        dt.residual * width
-    } else {
-        0
-    };
-    4 * width + 4 + normed
-}
-
-pub fn layer_profile(job: &Job, tokens: u128) -> LayerProfile {
-    let m = &job.model;
-    let dt = Dtypes::of(job);
-    let linears = m.layer_linears();
-    let pick = |kinds: &[LinearKind]| -> Vec<Linear> {
-        linears
-            .iter()
-            .filter(|l| kinds.contains(&l.kind))
-            .copied()
+/// transformers 5 fused experts, tokens split evenly over the experts.
+fn experts(cx: &Ctx, e: &Experts, in_rg: bool) -> (OpCost, bool) {
+    let mut c = OpCost::default();
+    let t = cx.tokens;
+    let dt = cx.dt;
+    let a = dt.linear_out;
+    let trains = cx.full;
+    let (h, i) = (e.hidden, e.inter);
+    let copies = t * e.top_k;
+    let per_expert = |bytes_per_token: u128| -> Vec<Saved> {
+        split(copies, e.experts)
+            .into_iter()
+            .filter(|&n| n > 0)
+            .map(|n| Saved::Own(n * bytes_per_token))
             .collect()
     };
-    let qkv = pick(&[LinearKind::Q, LinearKind::K, LinearKind::V]);
-    let o = pick(&[LinearKind::O]);
-    let gate_up = pick(&[LinearKind::Gate, LinearKind::Up, LinearKind::Router]);
-    let down = pick(&[LinearKind::Down]);
-    let (h, q, kv) = (m.hidden, m.q_dim(), m.kv_dim());
-    let (a, s_b) = (dt.linear_out, dt.attention);
-    let (k_num, k_den) = m.moe.as_ref().map_or((1, 1), |e| (e.experts_per_token, 1));
-
-    // ---- attention half
-    let mut attn = norm_saved_per_token(job, &dt, h);
-    let c = consumers(job, &dt, dt.residual, &qkv);
-    attn += c.own_copies + if c.saves_shared { dt.residual * h } else { 0 };
-    if m.qk_norm {
-        attn += 4 * (q + kv)
-            + if job.method == Method::Full {
-                a * (q + kv)
-            } else {
-                0
-            };
-    }
-    let seq = job.seq;
-    let (core, o_input_is_new) = match job.attention {
-        Attention::Sdpa | Attention::Flash => (s_b * (2 * q + 2 * kv) + 4 * m.heads, false),
-        Attention::Eager => {
-            let kv_rep = if m.kv_heads == m.heads { 2 * kv } else { 2 * q };
-            (s_b * (q + kv_rep) + (4 + s_b) * m.heads * seq, true)
-        }
+    // Per routed token: gate_up output (2i), activation output(s), product (i), down output (h),
+    // the index (8 B); the gathered input (h) and the product are saved for the weights'
+    // gradients only when the experts train.
+    let act_own = match e.act {
+        Act::Silu | Act::GeluTanh => 1,
+        Act::ClampedSwiglu => 4,
     };
-    attn += core;
-    let c = consumers(job, &dt, s_b, &o);
-    attn += c.own_copies
-        + if c.saves_shared && o_input_is_new {
-            s_b * q
+    let mut per_token = a * (2 * i + act_own * i + h) + 8;
+    if trains {
+        per_token += dt.residual * h + a * i;
+    }
+    let saved = per_expert(per_token);
+    c.ckpt_transient = copies * per_token;
+    if in_rg || trains {
+        c.saved = saved;
+    }
+    let dequant =
+        if cx.job.quantize_experts && matches!(cx.job.weights, Precision::Nf4 | Precision::Int8) {
+            2 * i * h * dt.compute
         } else {
             0
         };
-
-    // ---- MLP half
-    let i = m.intermediate;
-    let mut mlp = norm_saved_per_token(job, &dt, h);
-    let c = consumers(job, &dt, dt.residual, &gate_up);
-    mlp += c.own_copies + if c.saves_shared { dt.residual * h } else { 0 };
-    if let Some(e) = &m.moe {
-        // Router softmax in fp32 (saved) and its top-k weights.
-        mlp += 4 * e.experts + 4 * e.experts_per_token;
-    }
-    mlp += 3 * a * i * k_num / k_den; // silu input, silu output, up output
-    let c = consumers(job, &dt, a, &down);
-    mlp += c.own_copies
-        + if c.saves_shared {
-            a * i * k_num / k_den
+    c.fwd_transient = dequant;
+    // Backward of one expert: gradients of its output, product and gate_up output; with trained
+    // experts, `select_backward` materialises a zero gradient of the whole fused parameter for
+    // each expert before accumulating it.
+    let share = copies.div_ceil(e.experts.max(1));
+    c.bwd_transient = share * a * (3 * i + h)
+        + dequant
+        + if trains {
+            e.gate_up_params().max(e.down_params()) * cx.param_bytes()
         } else {
             0
         };
-
-    // Autocast keeps a 16-bit copy of every matmul weight until that layer's backward.
-    let weight_copies = |mods: &[Linear]| -> u128 {
-        if dt.autocast && job.method == Method::Full {
-            mods.iter().map(|l| l.weight_params() * dt.compute).sum()
-        } else {
-            0
+    if trains {
+        c.grads.push(e.gate_up_params() * cx.param_bytes());
+        c.grads.push(e.down_params() * cx.param_bytes());
+        if e.bias {
+            c.grads.push(e.bias_params() * cx.param_bytes());
         }
-    };
-    let attn_mods: Vec<Linear> = qkv.iter().chain(&o).copied().collect();
-    let mlp_mods: Vec<Linear> = gate_up.iter().chain(&down).copied().collect();
+    }
+    (c, trains)
+}
 
-    // ---- transients
-    let lora_on = |kinds: &[LinearKind]| {
-        job.lora
-            .as_ref()
-            .is_some_and(|l| l.targets.iter().any(|t| kinds.contains(t)))
-    };
-    let largest_dequant = linears
-        .iter()
-        .map(|l| dequantized_weight(job, &dt, l))
-        .max()
-        .unwrap_or(0);
-    let mut fwd = largest_dequant;
-    if lora_on(&[LinearKind::Gate, LinearKind::Up]) {
-        // fp32 LoRA output and the fp32 sum before the cast back (peft `result + lora_out`).
-        fwd += tokens * 8 * i * k_num / k_den;
-    }
-    if job.attention == Attention::Eager {
-        fwd = fwd.max(tokens * 2 * dt.compute * m.heads * seq);
-    }
-    if job.grad_checkpointing {
-        // Nothing is saved, but each intermediate exists until its consumer has run.
-        fwd += tokens * 3 * a * i * k_num / k_den;
-    }
-    let residual_grads = tokens * 2 * dt.residual * h;
-    let mlp_bwd = down
-        .iter()
-        .map(|d| module_bwd_transient(job, &dt, d, tokens))
-        .max()
-        .unwrap_or(0)
-        + residual_grads;
-    let o_bwd = o
-        .iter()
-        .map(|d| module_bwd_transient(job, &dt, d, tokens))
-        .max()
-        .unwrap_or(0);
-    let sdpa_bwd = match job.attention {
-        Attention::Sdpa | Attention::Flash => tokens * (s_b * (2 * q + 2 * kv) + 4 * m.heads),
-        Attention::Eager => tokens * (10 * m.heads * seq + 3 * s_b * q),
-    };
-    let attn_bwd = o_bwd.max(sdpa_bwd) + residual_grads;
-
-    let norm_params = if m.qk_norm { h + 2 * m.head_dim } else { h };
-    LayerProfile {
-        attn_saved: tokens * attn + weight_copies(&attn_mods),
-        mlp_saved: tokens * mlp + weight_copies(&mlp_mods),
-        input: tokens * dt.residual * h,
-        fwd_transient: fwd,
-        mlp_bwd_transient: mlp_bwd,
-        attn_bwd_transient: attn_bwd,
-        attn_grads: trainable_grads(job, &attn_mods, norm_params),
-        mlp_grads: trainable_grads(job, &mlp_mods, h),
-        attn_saved_per_token: attn,
-        mlp_saved_per_token: mlp,
-    }
+/// `n` items split as evenly as possible into `k` parts.
+pub fn split(n: u128, k: u128) -> Vec<u128> {
+    let k = k.max(1);
+    let (q, r) = (n / k, n % k);
+    (0..k).map(|j| q + u128::from(j < r)).collect()
 }
 
 #[cfg(test)]
@@ -357,9 +518,10 @@ mod tests {
         Job::new(resolve_model("llama-3.2-1b").unwrap().0, method)
     }
 
+    /// Saved bytes per token of one (non-first) layer.
     fn per_token(j: &Job) -> u128 {
-        let p = layer_profile(j, 1);
-        p.attn_saved_per_token + p.mlp_saved_per_token
+        let k = &j.model.recipe.kinds[0];
+        inventory(j, k, 2, true).saved() - inventory(j, k, 1, true).saved()
     }
 
     // Llama-3.2-1B: h = 2048, q = 32·64 = 2048, kv = 8·64 = 512, i = 8192, bf16.
@@ -397,8 +559,10 @@ mod tests {
 
     #[test]
     fn qlora_saves_what_lora_saves_and_adds_dequantization_transients() {
-        let lora = layer_profile(&job(Method::Lora), 512);
-        let qlora = layer_profile(&job(Method::Qlora), 512);
+        let (l, q) = (job(Method::Lora), job(Method::Qlora));
+        let k = &l.model.recipe.kinds[0];
+        let lora = inventory(&l, k, 512, true);
+        let qlora = inventory(&q, k, 512, true);
         assert_eq!(lora.saved(), qlora.saved());
         // Largest 1B Linear: 2048 × 8192 bf16 = 32 MiB dequantized per matmul.
         assert_eq!(qlora.fwd_transient - lora.fwd_transient, 2048 * 8192 * 2);
@@ -425,5 +589,41 @@ mod tests {
         // fp32 normed copies (+2h each) and separate bf16 casts for q,k,v (+2 × 2h) and
         // gate,up (+2h): +10h; measured +10.1h on the 1B autocast cases.
         assert_eq!(per_token(&j) - bf16, 10 * 2048);
+    }
+
+    #[test]
+    fn a_fused_projection_keeps_its_whole_output_alive() {
+        // Phi-3-style fused gate_up: SwiGLU saves gate and up as views of one 2i output (the
+        // storage stays whole): the same 3 × i as separate gate and up projections.
+        let cfg = serde_json::json!({"model_type": "phi3", "vocab_size": 100, "hidden_size": 64,
+            "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4});
+        let m = crate::model::HfConfig::from_value(cfg)
+            .resolve("phi", std::path::Path::new("t"))
+            .unwrap();
+        let mut j = Job::new(m, Method::Lora);
+        j.lora.as_mut().unwrap().dropout = 0.0;
+        let k = &j.model.recipe.kinds[0];
+        let glu: Vec<&OpCost> = j.model.recipe.kinds[0]
+            .ops
+            .iter()
+            .zip(&inventory(&j, k, 1, true).ops)
+            .filter(|(o, _)| matches!(o.kind, OpKind::Glu(_)))
+            .map(|(_, c)| c)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .leak()
+            .iter()
+            .collect();
+        let inv = inventory(&j, k, 1, true);
+        let gu = j.model.recipe.kinds[0]
+            .ops
+            .iter()
+            .position(|o| matches!(&o.kind, OpKind::Linear(p) if p.name == "gate_up_proj"))
+            .unwrap();
+        let out = j.model.recipe.kinds[0].ops[gu].output;
+        assert_eq!(inv.tensor_bytes[out], 2 * 256 * 2);
+        assert_eq!(glu[0].saved, vec![Saved::Shared(out), Saved::Own(256 * 2)]);
     }
 }

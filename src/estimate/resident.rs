@@ -16,9 +16,10 @@
 //!   momentum keeps one buffer; transformers' Adafactor keeps factored row/column second moments
 //!   (fp32) for matrices and a full one for vectors.
 
+use crate::arch::{Module, OpKind, Param, ParamRole, Proj};
 use crate::dtype::Precision;
 use crate::method::{Job, Method, Optimizer};
-use crate::model::Linear;
+use crate::model::LinearKind;
 
 /// Bytes of the resident state, by kind, plus element counts the rest of the model needs.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -50,10 +51,13 @@ pub struct ResidentExplain {
     pub optimizer: String,
 }
 
-/// A trainable tensor: shape (rows × cols; vectors have one row) and bytes per element.
+/// A trainable tensor: shape (a batch of rows × cols matrices; vectors have one row) and bytes
+/// per element.
 #[derive(Debug, Clone, Copy)]
 struct Tensor {
     numel: u128,
+    /// Matrices stacked in the tensor (E for fused experts, else 1).
+    batch: u128,
     rows: u128,
     bytes: u128,
 }
@@ -62,13 +66,14 @@ impl Tensor {
     fn matrix(rows: u128, cols: u128, bytes: u128) -> Tensor {
         Tensor {
             numel: rows * cols,
+            batch: 1,
             rows,
             bytes,
         }
     }
 
     fn cols(&self) -> u128 {
-        self.numel / self.rows.max(1)
+        self.numel / (self.rows * self.batch).max(1)
     }
 }
 
@@ -86,15 +91,72 @@ pub fn dense_param_bytes(job: &Job) -> u128 {
 /// Bytes per adapter element: fp32 unless the base itself is fp32 (also fp32).
 pub const ADAPTER_BYTES: u128 = 4;
 
-pub fn lora_modules(job: &Job) -> Vec<Linear> {
-    match &job.lora {
-        None => Vec::new(),
-        Some(l) => job
-            .model
-            .layer_linears()
-            .into_iter()
-            .filter(|m| l.targets.contains(&m.kind))
-            .collect(),
+/// The projections LoRA adapts, each with the number of layers holding it: `nn.Linear`
+/// modules whose kind is targeted (peft never adapts the output layer), and fused expert
+/// parameters where peft's `target_parameters` reach them. Routers that are plain parameters
+/// are never adapted.
+pub fn lora_modules(job: &Job) -> Vec<(Proj, u128)> {
+    let Some(l) = &job.lora else {
+        return Vec::new();
+    };
+    let r = &job.model.recipe;
+    let mut out = Vec::new();
+    for (k, n) in r.kind_counts().into_iter().enumerate() {
+        if n == 0 {
+            continue;
+        }
+        for op in &r.kinds[k].ops {
+            match &op.kind {
+                OpKind::Linear(p) if l.targets.contains(&p.kind) => out.push((*p, n)),
+                OpKind::Router(rt)
+                    if rt.proj.module == Module::Linear && l.targets.contains(&rt.proj.kind) =>
+                {
+                    out.push((rt.proj, n))
+                }
+                OpKind::Experts(e) if e.lora_all_linear => {
+                    for (kind, name, inf, outf) in [
+                        (
+                            LinearKind::GateUp,
+                            "experts.gate_up_proj",
+                            e.hidden,
+                            2 * e.inter,
+                        ),
+                        (LinearKind::Down, "experts.down_proj", e.inter, e.hidden),
+                    ] {
+                        if l.targets.contains(&kind) {
+                            // peft ParamWrapper: one A (E·r × in) and B (out × E·r) per
+                            // parameter, i.e. rank r per expert.
+                            out.push((
+                                Proj {
+                                    name,
+                                    kind,
+                                    in_f: inf * e.experts,
+                                    out_f: outf,
+                                    bias: false,
+                                    module: Module::Param,
+                                },
+                                n,
+                            ));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// Whether a parameter is stored quantized under `job` (bitsandbytes replaces `nn.Linear`
+/// only; fused experts only with `--quantize-experts`, one expert at a time).
+fn quantized(job: &Job, p: &Param) -> bool {
+    if !matches!(job.weights, Precision::Nf4 | Precision::Int8) {
+        return false;
+    }
+    match p.role {
+        ParamRole::LinearWeight(_) => true,
+        ParamRole::ParamWeight(k) => job.quantize_experts && k != LinearKind::Router,
+        _ => false,
     }
 }
 
@@ -104,40 +166,53 @@ pub fn resident(job: &Job) -> Resident {
     let dense_bytes = dense_param_bytes(job);
     let mut r = Resident::default();
     let mut trainable: Vec<Tensor> = Vec::new();
+    let params = m.recipe.params();
 
     // Base weights.
-    let nonlinear = counts.embedding + counts.lm_head + counts.other;
-    let (lin_data, lin_consts) = job.model.layer_linears().iter().fold((0, 0), |acc, l| {
-        let (d, c) =
-            job.weights
-                .storage_bytes(l.out_features * l.copies, l.in_features, job.double_quant);
-        (acc.0 + d * m.layers, acc.1 + c * m.layers)
-    });
-    r.weights = lin_data + nonlinear * dense_bytes;
-    r.quant_constants = lin_consts;
+    let (mut q_data, mut q_consts, mut q_params, mut dense_params) = (0, 0, 0, 0);
+    for (p, n) in &params {
+        if quantized(job, p) {
+            let (d, c) = job.weights.storage_bytes(p.rows, p.cols, job.double_quant);
+            q_data += d * p.copies * n;
+            q_consts += c * p.copies * n;
+            q_params += p.numel() * n;
+        } else {
+            dense_params += p.numel() * n;
+        }
+    }
+    r.weights = q_data + dense_params * dense_bytes;
+    r.quant_constants = q_consts;
     r.explain.weights = match job.weights {
         Precision::Nf4 | Precision::Int8 => format!(
-            "{} decoder Linear weights in {} = {} B; embeddings, norms{} ({} params) in {}-bit = {} B (bitsandbytes replaces nn.Linear only; transformers skips lm_head)",
-            counts.linear_weights,
+            "{q_params} decoder weights in {} = {q_data} B; embeddings, norms, biases{}{} ({dense_params} params) in {}-bit = {} B (bitsandbytes replaces nn.Linear only; transformers skips lm_head){}",
             job.weights,
-            lin_data,
             if counts.lm_head > 0 { ", lm_head" } else { "" },
-            nonlinear,
+            if m.moe.is_some() && !job.quantize_experts { ", fused experts and routers" } else { "" },
             dense_bytes * 8,
-            nonlinear * dense_bytes
+            dense_params * dense_bytes,
+            if m.moe.is_some() {
+                if job.quantize_experts {
+                    "; experts quantized one by one (--quantize-experts, as transformers 4.x did)"
+                } else {
+                    "; transformers 5 holds the experts as fused 3-D nn.Parameters, which bitsandbytes leaves in 16 bit (--quantize-experts quantizes them per expert)"
+                }
+            } else {
+                ""
+            }
         ),
         w => format!(
-            "{} params × {} B ({w}); counts from the config by the transformers module layout (embedding, q/k/v/o, gate/up/down, norms, lm_head)",
+            "{} params × {} B ({w}); counts from the {} recipe (every parameter of its transformers module layout)",
             counts.total,
-            w.float_bytes()
+            w.float_bytes(),
+            m.recipe.class
         ),
     };
     r.explain.quant_constants = match job.weights {
         Precision::Nf4 if job.double_quant => format!(
-            "NF4 absmax per 64-block as uint8 + fp32 per 256 absmax blocks (double quantization): {lin_consts} B ≈ 0.127 bit/param"
+            "NF4 absmax per 64-block as uint8 + fp32 per 256 absmax blocks (double quantization): {q_consts} B ≈ 0.127 bit/param"
         ),
-        Precision::Nf4 => format!("NF4 fp32 absmax per 64-block: {lin_consts} B = 0.5 bit/param"),
-        Precision::Int8 => format!("LLM.int8 fp32 scale per output row: {lin_consts} B"),
+        Precision::Nf4 => format!("NF4 fp32 absmax per 64-block: {q_consts} B = 0.5 bit/param"),
+        Precision::Int8 => format!("LLM.int8 fp32 scale per output row: {q_consts} B"),
         _ => "none (float storage)".into(),
     };
 
@@ -145,36 +220,25 @@ pub fn resident(job: &Job) -> Resident {
     match job.method {
         Method::Full => {
             // Per-tensor sizes matter only for 8-bit optimizer blocks and Adafactor; list them.
-            for l in job.model.layer_linears() {
-                for _ in 0..l.copies {
-                    for _ in 0..m.layers {
-                        trainable.push(Tensor::matrix(l.out_features, l.in_features, dense_bytes));
-                        if l.bias {
-                            trainable.push(Tensor::matrix(1, l.out_features, dense_bytes));
-                        }
-                    }
+            for (p, n) in &params {
+                if p.role == ParamRole::FrozenExtra {
+                    continue;
                 }
-            }
-            let norm_tensors = 2 * m.layers + 1;
-            for _ in 0..norm_tensors {
-                trainable.push(Tensor::matrix(1, m.hidden, dense_bytes));
-            }
-            if m.qk_norm {
-                for _ in 0..2 * m.layers {
-                    trainable.push(Tensor::matrix(1, m.head_dim, dense_bytes));
-                }
-            }
-            trainable.push(Tensor::matrix(m.vocab, m.hidden, dense_bytes));
-            if counts.lm_head > 0 {
-                trainable.push(Tensor::matrix(m.vocab, m.hidden, dense_bytes));
+                let t = Tensor {
+                    numel: p.numel(),
+                    batch: p.copies,
+                    rows: p.rows,
+                    bytes: dense_bytes,
+                };
+                trainable.extend(std::iter::repeat(t).take(*n as usize));
             }
         }
         Method::Lora | Method::Qlora => {
             let rank = job.lora.as_ref().map_or(0, |l| l.rank);
-            for l in lora_modules(job) {
-                for _ in 0..l.copies * m.layers {
-                    trainable.push(Tensor::matrix(rank, l.in_features, ADAPTER_BYTES));
-                    trainable.push(Tensor::matrix(l.out_features, rank, ADAPTER_BYTES));
+            for (p, n) in lora_modules(job) {
+                for _ in 0..n {
+                    trainable.push(Tensor::matrix(rank, p.in_f, ADAPTER_BYTES));
+                    trainable.push(Tensor::matrix(p.out_f, rank, ADAPTER_BYTES));
                 }
             }
             r.adapters = trainable.iter().map(|t| t.numel * t.bytes).sum();
@@ -261,7 +325,7 @@ fn optimizer(job: &Job, trainable: &[Tensor], r: &mut Resident) {
                 .map(|t| {
                     // Matrices: factored row + column second moments; vectors: a full one.
                     if t.rows > 1 && t.cols() > 1 {
-                        (t.rows + t.cols()) * 4
+                        t.batch * (t.rows + t.cols()) * 4
                     } else {
                         t.numel * 4
                     }

@@ -45,7 +45,8 @@ pub struct Calibration {
 
 impl Calibration {
     pub fn load(path: &Path) -> Result<Calibration, Error> {
-        let text = crate::files::read_input(path, "calibration file")?;
+        let text =
+            crate::files::read_input(path, "calibration file", crate::files::MAX_INPUT_BYTES)?;
         Calibration::parse(&text).map_err(|message| Error::BadCalibration {
             path: path.to_path_buf(),
             message,

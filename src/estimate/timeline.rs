@@ -87,9 +87,34 @@ impl Phase {
     }
 }
 
+/// One tensor on the timeline: freed with [`Timeline::release`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a tensor allocated on the timeline must be released (or kept to the end on purpose)"]
+pub struct Buf {
+    pub id: usize,
+    pub cat: Category,
+    pub bytes: u128,
+}
+
+/// A tensor-level event of the step, in order: what the caching allocator replays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    Alloc {
+        id: usize,
+        bytes: u128,
+        cat: Category,
+    },
+    Free {
+        id: usize,
+    },
+    Phase(Phase),
+}
+
 /// Live bytes by category, replayed event by event.
 #[derive(Debug, Clone)]
 pub struct Timeline {
+    events: Vec<Event>,
+    next_id: usize,
     live: [u128; Category::ALL.len()],
     total: u128,
     phase: Phase,
@@ -109,6 +134,8 @@ impl Default for Timeline {
 impl Timeline {
     pub fn new() -> Timeline {
         Timeline {
+            events: Vec::new(),
+            next_id: 0,
             live: [0; Category::ALL.len()],
             total: 0,
             phase: Phase::Load,
@@ -121,6 +148,7 @@ impl Timeline {
 
     /// Starts a phase; its peak starts from what is live now.
     pub fn phase(&mut self, phase: Phase) {
+        self.events.push(Event::Phase(phase));
         self.phase = phase;
         self.phase_peaks.push((phase, self.total));
     }
@@ -149,6 +177,36 @@ impl Timeline {
         let b = bytes.min(*live);
         *live -= b;
         self.total -= b;
+    }
+
+    /// Allocates one tensor.
+    pub fn tensor(&mut self, cat: Category, bytes: u128) -> Buf {
+        let id = self.next_id;
+        self.next_id += 1;
+        if bytes > 0 {
+            self.events.push(Event::Alloc { id, bytes, cat });
+        }
+        self.alloc(cat, bytes);
+        Buf { id, cat, bytes }
+    }
+
+    /// Frees a tensor allocated with [`Timeline::tensor`].
+    pub fn release(&mut self, b: Buf) {
+        if b.bytes > 0 {
+            self.events.push(Event::Free { id: b.id });
+        }
+        self.free(b.cat, b.bytes);
+    }
+
+    /// A tensor that lives for one operation only.
+    pub fn transient(&mut self, cat: Category, bytes: u128) {
+        let b = self.tensor(cat, bytes);
+        self.release(b);
+    }
+
+    /// The tensor-level events so far, in order.
+    pub fn events(&self) -> &[Event] {
+        &self.events
     }
 
     /// A buffer that lives only for one operation.

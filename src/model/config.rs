@@ -1,40 +1,31 @@
-//! Hugging Face `config.json`, as written (every field optional), and its resolution into a
-//! validated [`ModelShape`]. Field names and defaults follow transformers' `LlamaConfig`,
-//! `MistralConfig`, `MixtralConfig`, `Qwen2Config` and `Qwen3Config`.
+//! Hugging Face `config.json`, as written, and its resolution into a validated [`ModelShape`]
+//! through the architecture's recipe ([`crate::arch::families`]). Field names and defaults follow
+//! each family's transformers 5.17 `configuration_<family>.py`.
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde_json::Value;
 
-use super::{ModelShape, Moe};
+use super::ModelShape;
+use crate::arch::families::{self, Fields};
 use crate::error::Error;
 
-/// Architectures whose decoder layer memplan models (Llama-style: RMSNorm, RoPE, GQA, SwiGLU).
-pub const SUPPORTED_MODEL_TYPES: [&str; 5] = ["llama", "mistral", "mixtral", "qwen2", "qwen3"];
+pub use families::SUPPORTED as SUPPORTED_MODEL_TYPES;
 
-/// The fields of a `config.json` that determine memory, as the file spells them.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// Largest config.json memplan reads (real ones are a few KiB; multimodal ones tens of KiB).
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
+/// A `config.json` as parsed JSON.
+#[derive(Debug, Clone, Default)]
 pub struct HfConfig {
-    pub model_type: Option<String>,
-    /// e.g. `["LlamaForCausalLM"]`; names the architecture when `model_type` is absent.
-    pub architectures: Option<Vec<String>>,
-    pub vocab_size: Option<u64>,
-    pub hidden_size: Option<u64>,
-    pub intermediate_size: Option<u64>,
-    pub num_hidden_layers: Option<u64>,
-    pub num_attention_heads: Option<u64>,
-    pub num_key_value_heads: Option<u64>,
-    pub head_dim: Option<u64>,
-    pub tie_word_embeddings: Option<bool>,
-    pub attention_bias: Option<bool>,
-    pub mlp_bias: Option<bool>,
-    pub num_local_experts: Option<u64>,
-    pub num_experts_per_tok: Option<u64>,
-    /// Multimodal wrappers nest the language model here; not supported (named in the error).
-    pub text_config: Option<serde_json::Value>,
+    pub raw: Value,
 }
 
 impl HfConfig {
+    pub fn from_value(raw: Value) -> HfConfig {
+        HfConfig { raw }
+    }
+
     /// Reads a `config.json` file, or `config.json` inside a model folder.
     pub fn from_path(path: &Path) -> Result<(HfConfig, PathBuf), Error> {
         let file = if path.is_dir() {
@@ -42,116 +33,110 @@ impl HfConfig {
         } else {
             path.to_path_buf()
         };
-        let text = crate::files::read_input(&file, "config.json")?;
-        let cfg = serde_json::from_str(&text).map_err(|e| Error::BadConfig {
+        let text = crate::files::read_input(&file, "config.json", MAX_CONFIG_BYTES)?;
+        let raw: Value = serde_json::from_str(&text).map_err(|e| Error::BadConfig {
             path: file.clone(),
             message: e.to_string(),
         })?;
-        Ok((cfg, file))
+        if !raw.is_object() {
+            return Err(Error::BadConfig {
+                path: file.clone(),
+                message: "the top level is not a JSON object".into(),
+            });
+        }
+        Ok((HfConfig { raw }, file))
+    }
+
+    /// The model type: `model_type`, or the `*ForCausalLM` class in `architectures`.
+    fn model_type(&self, f: &Fields) -> Result<String, Error> {
+        if let Some(t) = f.str("model_type") {
+            return Ok(t.to_string());
+        }
+        let archs = self.raw.get("architectures").and_then(Value::as_array);
+        match archs {
+            // transformers names the class after the model type: `Qwen2ForCausalLM` → qwen2.
+            Some(a) => a
+                .iter()
+                .filter_map(Value::as_str)
+                .find_map(|a| a.strip_suffix("ForCausalLM"))
+                .map(str::to_ascii_lowercase)
+                .ok_or_else(|| field_err(f, "architectures", "names no *ForCausalLM class")),
+            None => Err(field_err(f, "model_type", "is missing")),
+        }
     }
 
     /// Validates and resolves into a shape. `origin` names the file (or preset) in errors.
     pub fn resolve(&self, name: &str, origin: &Path) -> Result<ModelShape, Error> {
-        let field = |field: &'static str, problem: &str| Error::ConfigField {
-            path: origin.to_path_buf(),
-            field,
-            problem: problem.to_string(),
-        };
-        if self.text_config.is_some() && self.hidden_size.is_none() {
-            return Err(field(
-                "text_config",
-                "holds the language model of a multimodal checkpoint; pass that text model's own config.json",
-            ));
-        }
-        let model_type = match (&self.model_type, &self.architectures) {
-            (Some(t), _) => t.clone(),
-            // transformers names the class after the model type: `Qwen2ForCausalLM` → qwen2.
-            (None, Some(archs)) => archs
-                .iter()
-                .find_map(|a| a.strip_suffix("ForCausalLM"))
-                .map(str::to_ascii_lowercase)
-                .ok_or_else(|| field("architectures", "names no *ForCausalLM class"))?,
-            (None, None) => return Err(field("model_type", "is missing")),
-        };
-        if !SUPPORTED_MODEL_TYPES.contains(&model_type.as_str()) {
-            return Err(field(
-                "model_type",
-                &format!(
-                    "is '{model_type}', which memplan does not model; supported: {}",
-                    SUPPORTED_MODEL_TYPES.join(", ")
-                ),
-            ));
-        }
-        let need = |v: Option<u64>, name: &'static str| -> Result<u128, Error> {
-            match v {
-                None => Err(field(name, "is missing")),
-                Some(0) => Err(field(name, "must be positive")),
-                Some(x) => super::bounds::check(name, x, origin).map(|()| u128::from(x)),
+        let top = Fields::new(&self.raw, origin, "");
+        let model_type = self.model_type(&top)?;
+        // Multimodal wrappers: the text model is trained, the vision tower is frozen and
+        // resident (no image tokens in the batch).
+        let (text_type, recipe) = match model_type.as_str() {
+            "gemma3" | "llama4" | "mistral3" => {
+                let text = self.raw.get("text_config").ok_or_else(|| {
+                    field_err(
+                        &top,
+                        "text_config",
+                        "is missing (a multimodal wrapper holds its language model there)",
+                    )
+                })?;
+                let f = Fields::new(text, origin, "text_config.");
+                let text_type = match (f.str("model_type"), model_type.as_str()) {
+                    (Some(t), _) => t.to_string(),
+                    (None, "gemma3") => "gemma3_text".into(),
+                    (None, _) => "llama4_text".into(),
+                };
+                let mut r = families::recipe(&text_type, &f)?;
+                let vision = self.raw.get("vision_config").ok_or_else(|| {
+                    field_err(
+                        &top,
+                        "vision_config",
+                        "is missing (its vision tower is resident)",
+                    )
+                })?;
+                let vf = Fields::new(vision, origin, "vision_config.");
+                r.frozen_extra = match model_type.as_str() {
+                    "gemma3" => families::gemma3_vision_params(&vf, r.hidden)?,
+                    "llama4" => families::llama4_vision_params(&vf, r.hidden)?,
+                    other => {
+                        return Err(field_err(
+                            &top,
+                            "model_type",
+                            &format!("is '{other}', a multimodal wrapper memplan does not model"),
+                        ))
+                    }
+                };
+                r.class = match model_type.as_str() {
+                    "gemma3" => "Gemma3ForConditionalGeneration".into(),
+                    _ => "Llama4ForConditionalGeneration".into(),
+                };
+                r.notes.push(format!(
+                    "multimodal wrapper: the {} vision tower and projector ({} params) stay resident and frozen in 16 bit; the batch holds text tokens only",
+                    model_type, r.frozen_extra
+                ));
+                (text_type, r)
             }
-        };
-        let hidden = need(self.hidden_size, "hidden_size")?;
-        let heads = need(self.num_attention_heads, "num_attention_heads")?;
-        let kv_heads = match self.num_key_value_heads {
-            None => heads,
-            Some(_) => need(self.num_key_value_heads, "num_key_value_heads")?,
-        };
-        if heads % kv_heads != 0 {
-            return Err(field(
-                "num_key_value_heads",
-                &format!("({kv_heads}) must divide num_attention_heads ({heads})"),
-            ));
-        }
-        let head_dim = match self.head_dim {
-            Some(_) => need(self.head_dim, "head_dim")?,
-            None if hidden % heads == 0 => hidden / heads,
-            None => {
-                return Err(field(
-                    "head_dim",
-                    "is missing and hidden_size is not divisible by num_attention_heads",
-                ))
+            "gemma3_text" | "llama4_text" => {
+                (model_type.clone(), families::recipe(&model_type, &top)?)
             }
-        };
-        let moe = match (model_type.as_str(), self.num_local_experts) {
-            ("mixtral", _) | (_, Some(_)) => {
-                let experts = need(self.num_local_experts, "num_local_experts")?;
-                let k = need(self.num_experts_per_tok, "num_experts_per_tok")?;
-                if k > experts {
-                    return Err(field("num_experts_per_tok", "exceeds num_local_experts"));
-                }
-                Some(Moe {
-                    experts,
-                    experts_per_token: k,
-                })
-            }
-            _ => None,
-        };
-        // transformers defaults: Qwen2 has biases on q/k/v and none elsewhere; Llama-family
-        // `attention_bias` puts biases on q, k, v and o.
-        let (qkv_bias, o_bias) = match model_type.as_str() {
-            "qwen2" => (true, false),
             _ => {
-                let b = self.attention_bias.unwrap_or(false);
-                (b, b)
+                if self.raw.get("text_config").is_some() && top.opt("hidden_size")?.is_none() {
+                    return Err(field_err(
+                        &top,
+                        "text_config",
+                        &format!("holds the language model of a '{model_type}' multimodal checkpoint, which memplan does not model; pass that text model's own config.json"),
+                    ));
+                }
+                (model_type.clone(), families::recipe(&model_type, &top)?)
             }
         };
-        Ok(ModelShape {
-            name: name.to_string(),
-            vocab: need(self.vocab_size, "vocab_size")?,
-            hidden,
-            intermediate: need(self.intermediate_size, "intermediate_size")?,
-            layers: need(self.num_hidden_layers, "num_hidden_layers")?,
-            heads,
-            kv_heads,
-            head_dim,
-            tie_embeddings: self.tie_word_embeddings.unwrap_or(false),
-            qkv_bias,
-            o_bias,
-            mlp_bias: self.mlp_bias.unwrap_or(false),
-            qk_norm: model_type == "qwen3",
-            moe,
-            model_type,
-        })
+        let _ = text_type;
+        Ok(ModelShape::from_recipe(name, &model_type, recipe))
     }
+}
+
+fn field_err(f: &Fields, field: &str, problem: &str) -> Error {
+    f.error(field, problem.to_string())
 }
 
 #[cfg(test)]
@@ -159,7 +144,7 @@ mod tests {
     use super::*;
 
     fn parse(json: &str) -> Result<ModelShape, Error> {
-        let cfg: HfConfig = serde_json::from_str(json).unwrap();
+        let cfg = HfConfig::from_value(serde_json::from_str(json).unwrap());
         cfg.resolve("t", Path::new("config.json"))
     }
 
@@ -170,9 +155,11 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_architecture_is_named() {
-        let e = parse(r#"{"model_type":"gpt2"}"#).unwrap_err();
-        assert!(e.to_string().contains("'gpt2'"), "{e}");
+    fn unsupported_architecture_is_named_with_its_reason() {
+        let e = parse(r#"{"model_type":"gpt2"}"#).unwrap_err().to_string();
+        assert!(e.contains("'gpt2'") && e.contains("Conv1D"), "{e}");
+        let e = parse(r#"{"model_type":"bert"}"#).unwrap_err().to_string();
+        assert!(e.contains("'bert'") && e.contains("supported:"), "{e}");
     }
 
     #[test]
@@ -183,7 +170,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(m.model_type, "qwen2");
-        assert!(m.qkv_bias);
+        // Qwen2: q, k, v biases (4·16 + 2·4·16 = 192 per layer over the Llama count).
+        let llama = parse(
+            r#"{"model_type":"llama","vocab_size":10,"hidden_size":64,
+                "intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4}"#,
+        )
+        .unwrap();
+        assert_eq!(m.param_counts().total - llama.param_counts().total, 2 * 192);
     }
 
     #[test]
@@ -194,5 +187,26 @@ mod tests {
         )
         .unwrap();
         assert_eq!((m.kv_heads, m.head_dim), (4, 16));
+    }
+
+    #[test]
+    fn huge_fields_are_errors_naming_the_field() {
+        let e = parse(
+            r#"{"model_type":"llama","vocab_size":10,"hidden_size":64,"intermediate_size":128,
+                "num_hidden_layers":10000000,"num_attention_heads":4}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("num_hidden_layers") && e.contains("beyond"),
+            "{e}"
+        );
+        let e = parse(
+            r#"{"model_type":"llama","vocab_size":18446744073709551615,"hidden_size":64,
+                "intermediate_size":128,"num_hidden_layers":1,"num_attention_heads":4}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("vocab_size"), "{e}");
     }
 }

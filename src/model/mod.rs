@@ -15,6 +15,7 @@ pub mod size;
 
 use serde::Serialize;
 
+pub use crate::arch::Recipe;
 pub use config::HfConfig;
 pub use presets::{resolve_model, ModelSource};
 
@@ -30,10 +31,36 @@ pub enum LinearKind {
     Up,
     Down,
     Router,
+    /// Phi-3's fused q, k, v projection.
+    Qkv,
+    /// Phi-3's fused gate and up projection; transformers 5's fused expert `gate_up_proj`.
+    GateUp,
+    /// DeepSeek MLA: `q_a_proj`, `q_b_proj`, `kv_a_proj_with_mqa`, `kv_b_proj`.
+    QA,
+    QB,
+    KvA,
+    KvB,
 }
 
 impl LinearKind {
-    /// The module name transformers and peft use (Mixtral's experts are w1/w3/w2).
+    pub const ALL: [LinearKind; 14] = [
+        LinearKind::Q,
+        LinearKind::K,
+        LinearKind::V,
+        LinearKind::O,
+        LinearKind::Gate,
+        LinearKind::Up,
+        LinearKind::Down,
+        LinearKind::Router,
+        LinearKind::Qkv,
+        LinearKind::GateUp,
+        LinearKind::QA,
+        LinearKind::QB,
+        LinearKind::KvA,
+        LinearKind::KvB,
+    ];
+
+    /// The module name transformers and peft use.
     pub fn module_name(self) -> &'static str {
         match self {
             LinearKind::Q => "q_proj",
@@ -43,7 +70,13 @@ impl LinearKind {
             LinearKind::Gate => "gate_proj",
             LinearKind::Up => "up_proj",
             LinearKind::Down => "down_proj",
-            LinearKind::Router => "gate",
+            LinearKind::Router => "router",
+            LinearKind::Qkv => "qkv_proj",
+            LinearKind::GateUp => "gate_up_proj",
+            LinearKind::QA => "q_a_proj",
+            LinearKind::QB => "q_b_proj",
+            LinearKind::KvA => "kv_a_proj_with_mqa",
+            LinearKind::KvB => "kv_b_proj",
         }
     }
 
@@ -57,19 +90,26 @@ impl LinearKind {
             "up_proj" | "w3" => LinearKind::Up,
             "down_proj" | "w2" => LinearKind::Down,
             "router" | "gate" => LinearKind::Router,
+            "qkv_proj" => LinearKind::Qkv,
+            "gate_up_proj" => LinearKind::GateUp,
+            "q_a_proj" => LinearKind::QA,
+            "q_b_proj" => LinearKind::QB,
+            "kv_a_proj_with_mqa" => LinearKind::KvA,
+            "kv_b_proj" => LinearKind::KvB,
             _ => return None,
         })
     }
 }
 
-/// Mixture-of-experts MLP (Mixtral-style: top-k routing over E SwiGLU experts).
+/// Mixture-of-experts summary (top-k routing over E experts), for reports.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Moe {
     pub experts: u128,
     pub experts_per_token: u128,
 }
 
-/// A resolved decoder-only transformer shape. All sizes are element counts.
+/// A resolved model: its [`Recipe`] plus the summary dimensions reports and planners use (the
+/// first layer's attention widths; the dense MLP width, or the expert width for MoE models).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelShape {
     pub name: String,
@@ -83,41 +123,10 @@ pub struct ModelShape {
     /// MLP intermediate size (per expert for MoE).
     pub intermediate: u128,
     pub tie_embeddings: bool,
-    pub qkv_bias: bool,
-    pub o_bias: bool,
-    pub mlp_bias: bool,
-    /// Qwen3-style RMSNorm on q and k (head_dim weights each).
-    pub qk_norm: bool,
     pub moe: Option<Moe>,
-}
-
-/// One Linear module of a decoder layer.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Linear {
-    pub kind: LinearKind,
-    pub in_features: u128,
-    pub out_features: u128,
-    pub bias: bool,
-    /// How many of these a layer has (E for expert weights, else 1).
-    pub copies: u128,
-    /// Tokens each copy sees per token of the batch (k/E for experts, else 1), as a fraction
-    /// `tokens_num / tokens_den`.
-    pub tokens_num: u128,
-    pub tokens_den: u128,
-}
-
-impl Linear {
-    pub fn weight_params(&self) -> u128 {
-        self.in_features * self.out_features * self.copies
-    }
-
-    pub fn bias_params(&self) -> u128 {
-        if self.bias {
-            self.out_features * self.copies
-        } else {
-            0
-        }
-    }
+    /// The architecture as data: what every number is derived from.
+    #[serde(skip)]
+    pub recipe: Recipe,
 }
 
 /// Parameter counts by where they live.
@@ -127,15 +136,91 @@ pub struct ParamCounts {
     pub embedding: u128,
     /// 0 when tied to the embedding.
     pub lm_head: u128,
-    /// Weights of all decoder Linear layers (what QLoRA quantizes).
+    /// Weights of all decoder `nn.Linear` layers (what bitsandbytes quantizes).
     pub linear_weights: u128,
-    /// Linear biases, norm weights: kept in 16 bit by QLoRA.
+    /// Everything else: biases, norms, fused expert and router parameters, a frozen vision
+    /// tower (kept in 16 bit by QLoRA).
     pub other: u128,
     /// The largest single decoder Linear weight (elements), for dequantization temporaries.
     pub largest_linear: u128,
 }
 
 impl ModelShape {
+    /// A shape whose summary dimensions are read off `recipe`.
+    pub fn from_recipe(name: &str, model_type: &str, recipe: Recipe) -> ModelShape {
+        use crate::arch::OpKind;
+        let mut heads = 0;
+        let mut kv_heads = 0;
+        let mut head_dim = 0;
+        let mut inter = 0;
+        let mut moe = None;
+        for layer in &recipe.kinds {
+            for op in &layer.ops {
+                match &op.kind {
+                    OpKind::Attention(a) if heads == 0 => {
+                        heads = a.heads;
+                        kv_heads = a.kv_heads;
+                        head_dim = a.qk_head_dim;
+                    }
+                    OpKind::Glu(_) if inter == 0 && moe.is_none() => {
+                        inter = layer.tensors[op.output].width;
+                    }
+                    OpKind::Experts(e) => {
+                        inter = e.inter;
+                        moe = Some(Moe {
+                            experts: e.experts,
+                            experts_per_token: e.top_k,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+        ModelShape {
+            name: name.to_string(),
+            model_type: model_type.to_string(),
+            vocab: recipe.vocab,
+            hidden: recipe.hidden,
+            layers: recipe.layers(),
+            heads,
+            kv_heads,
+            head_dim,
+            intermediate: inter,
+            tie_embeddings: recipe.head.tied,
+            moe,
+            recipe,
+        }
+    }
+
+    /// A Llama decoder (`LlamaForCausalLM`) of the given widths.
+    #[allow(clippy::too_many_arguments)]
+    pub fn llama(
+        name: &str,
+        vocab: u128,
+        hidden: u128,
+        layers: u128,
+        heads: u128,
+        kv_heads: u128,
+        head_dim: u128,
+        inter: u128,
+        tie: bool,
+    ) -> ModelShape {
+        let cfg = serde_json::json!({
+            "model_type": "llama",
+            "vocab_size": vocab as u64,
+            "hidden_size": hidden as u64,
+            "num_hidden_layers": layers as u64,
+            "num_attention_heads": heads as u64,
+            "num_key_value_heads": kv_heads as u64,
+            "head_dim": head_dim as u64,
+            "intermediate_size": inter as u64,
+            "tie_word_embeddings": tie,
+        });
+        HfConfig::from_value(cfg)
+            .resolve(name, std::path::Path::new("llama"))
+            .expect("a Llama of positive widths within bounds resolves")
+    }
+
     pub fn q_dim(&self) -> u128 {
         self.heads * self.head_dim
     }
@@ -144,73 +229,41 @@ impl ModelShape {
         self.kv_heads * self.head_dim
     }
 
-    /// The Linear modules of one decoder layer, in forward order.
-    pub fn layer_linears(&self) -> Vec<Linear> {
-        let (h, i) = (self.hidden, self.intermediate);
-        let dense = |kind, inf, outf, bias| Linear {
-            kind,
-            in_features: inf,
-            out_features: outf,
-            bias,
-            copies: 1,
-            tokens_num: 1,
-            tokens_den: 1,
-        };
-        let mut v = vec![
-            dense(LinearKind::Q, h, self.q_dim(), self.qkv_bias),
-            dense(LinearKind::K, h, self.kv_dim(), self.qkv_bias),
-            dense(LinearKind::V, h, self.kv_dim(), self.qkv_bias),
-            dense(LinearKind::O, self.q_dim(), h, self.o_bias),
-        ];
-        match &self.moe {
-            None => v.extend([
-                dense(LinearKind::Gate, h, i, self.mlp_bias),
-                dense(LinearKind::Up, h, i, self.mlp_bias),
-                dense(LinearKind::Down, i, h, self.mlp_bias),
-            ]),
-            Some(m) => {
-                v.push(dense(LinearKind::Router, h, m.experts, false));
-                for (kind, inf, outf) in [
-                    (LinearKind::Gate, h, i),
-                    (LinearKind::Up, h, i),
-                    (LinearKind::Down, i, h),
-                ] {
-                    v.push(Linear {
-                        kind,
-                        in_features: inf,
-                        out_features: outf,
-                        bias: false,
-                        copies: m.experts,
-                        tokens_num: m.experts_per_token,
-                        tokens_den: m.experts,
-                    });
-                }
-            }
-        }
-        v
+    /// The same architecture with `layers` decoder layers (the layer pattern repeated).
+    pub fn with_layers(&self, layers: u128) -> ModelShape {
+        let mut s = self.clone();
+        let pattern = self.recipe.layer_kind.clone();
+        s.recipe.layer_kind = (0..layers as usize)
+            .map(|i| pattern[i % pattern.len().max(1)])
+            .collect();
+        s.layers = layers;
+        s
     }
 
     pub fn param_counts(&self) -> ParamCounts {
-        let linears = self.layer_linears();
-        let lin_w: u128 = linears.iter().map(Linear::weight_params).sum();
-        let lin_b: u128 = linears.iter().map(Linear::bias_params).sum();
-        let norms = 2 * self.hidden + if self.qk_norm { 2 * self.head_dim } else { 0 };
-        let embedding = self.vocab * self.hidden;
-        let lm_head = if self.tie_embeddings { 0 } else { embedding };
-        let other = self.layers * (lin_b + norms) + self.hidden;
-        let linear_weights = self.layers * lin_w;
-        ParamCounts {
-            total: embedding + lm_head + linear_weights + other,
-            embedding,
-            lm_head,
-            linear_weights,
-            other,
-            largest_linear: linears
-                .iter()
-                .map(|l| l.in_features * l.out_features)
-                .max()
-                .unwrap_or(0),
+        use crate::arch::ParamRole;
+        let mut c = ParamCounts {
+            total: 0,
+            embedding: 0,
+            lm_head: 0,
+            linear_weights: 0,
+            other: 0,
+            largest_linear: 0,
+        };
+        for (p, n) in self.recipe.params() {
+            let all = p.numel() * n;
+            c.total += all;
+            match p.role {
+                ParamRole::Embedding => c.embedding += all,
+                ParamRole::LmHead => c.lm_head += all,
+                ParamRole::LinearWeight(_) => {
+                    c.linear_weights += all;
+                    c.largest_linear = c.largest_linear.max(p.numel());
+                }
+                _ => c.other += all,
+            }
         }
+        c
     }
 }
 
@@ -227,23 +280,17 @@ pub(crate) mod tests {
         inter: u128,
         tie: bool,
     ) -> ModelShape {
-        ModelShape {
-            name: "test".into(),
-            model_type: "llama".into(),
+        ModelShape::llama(
+            "test",
             vocab,
             hidden,
             layers,
             heads,
-            kv_heads: kv,
-            head_dim: hidden / heads,
-            intermediate: inter,
-            tie_embeddings: tie,
-            qkv_bias: false,
-            o_bias: false,
-            mlp_bias: false,
-            qk_norm: false,
-            moe: None,
-        }
+            kv,
+            hidden / heads,
+            inter,
+            tie,
+        )
     }
 
     #[test]

@@ -27,45 +27,9 @@ struct PresetEntry {
     aliases: Vec<String>,
     size: Option<String>,
     source: String,
+    /// The config.json fields, as TOML carries them.
     #[serde(flatten)]
-    config: TomlConfig,
-}
-
-/// The config.json fields as TOML can carry them (TOML integers are i64).
-#[derive(Debug, Clone, Deserialize)]
-struct TomlConfig {
-    model_type: String,
-    vocab_size: u64,
-    hidden_size: u64,
-    intermediate_size: u64,
-    num_hidden_layers: u64,
-    num_attention_heads: u64,
-    num_key_value_heads: Option<u64>,
-    head_dim: Option<u64>,
-    tie_word_embeddings: Option<bool>,
-    attention_bias: Option<bool>,
-    num_local_experts: Option<u64>,
-    num_experts_per_tok: Option<u64>,
-}
-
-impl From<&TomlConfig> for HfConfig {
-    fn from(t: &TomlConfig) -> HfConfig {
-        HfConfig {
-            model_type: Some(t.model_type.clone()),
-            vocab_size: Some(t.vocab_size),
-            hidden_size: Some(t.hidden_size),
-            intermediate_size: Some(t.intermediate_size),
-            num_hidden_layers: Some(t.num_hidden_layers),
-            num_attention_heads: Some(t.num_attention_heads),
-            num_key_value_heads: t.num_key_value_heads,
-            head_dim: t.head_dim,
-            tie_word_embeddings: t.tie_word_embeddings,
-            attention_bias: t.attention_bias,
-            num_local_experts: t.num_local_experts,
-            num_experts_per_tok: t.num_experts_per_tok,
-            ..HfConfig::default()
-        }
-    }
+    config: toml::Table,
 }
 
 /// A preset as listed by `memplan models`.
@@ -99,7 +63,9 @@ pub fn presets() -> &'static [Preset] {
         file.model
             .iter()
             .map(|e| {
-                let shape = HfConfig::from(&e.config)
+                let json =
+                    serde_json::to_value(&e.config).expect("TOML values convert to JSON (tested)");
+                let shape = HfConfig::from_value(json)
                     .resolve(&e.name, Path::new("presets/models.toml"))
                     .expect("presets/models.toml entries resolve (tested)");
                 Preset {

@@ -75,13 +75,19 @@ pub fn bare_size(arg: &str, params: f64) -> Result<(ModelShape, ModelSource), Er
     }
     let (first, last) = (ANCHORS[0], ANCHORS[ANCHORS.len() - 1]);
     let (mut shape, how) = if params < first.1 {
-        let mut s = anchor(first.0).clone();
-        s.layers = round_to(s.layers as f64 * params / first.1, 1);
-        (s, format!("{} widths with fewer layers", first.0))
+        let s = anchor(first.0);
+        let layers = round_to(s.layers as f64 * params / first.1, 1);
+        (
+            s.with_layers(layers),
+            format!("{} widths with fewer layers", first.0),
+        )
     } else if params > last.1 {
-        let mut s = anchor(last.0).clone();
-        s.layers = round_to(s.layers as f64 * params / last.1, 1);
-        (s, format!("{} widths with more layers", last.0))
+        let s = anchor(last.0);
+        let layers = round_to(s.layers as f64 * params / last.1, 1);
+        (
+            s.with_layers(layers),
+            format!("{} widths with more layers", last.0),
+        )
     } else {
         let i = ANCHORS
             .windows(2)
@@ -91,13 +97,28 @@ pub fn bare_size(arg: &str, params: f64) -> Result<(ModelShape, ModelSource), Er
         let (lo, hi) = (anchor(lo_name), anchor(hi_name));
         let t = (params / lo_n).ln() / (hi_n / lo_n).ln();
         let geo = |a: u128, b: u128| (a as f64) * (b as f64 / a as f64).powf(t);
-        let mut s = lo.clone();
-        s.layers = round_to(geo(lo.layers, hi.layers), 1);
-        s.heads = round_to(geo(lo.heads, hi.heads), lo.kv_heads);
-        s.head_dim = round_to(geo(lo.head_dim, hi.head_dim), 8);
-        s.hidden = s.heads * s.head_dim;
-        s.intermediate = round_to(geo(lo.intermediate, hi.intermediate), 256);
-        (s, format!("interpolated between {lo_name} and {hi_name}"))
+        let heads = round_to(geo(lo.heads, hi.heads), lo.kv_heads);
+        let head_dim = round_to(geo(lo.head_dim, hi.head_dim), 8);
+        // The Llama 3 config.json fields of the interpolated model, resolved like a user's file.
+        let config = serde_json::json!({
+            "model_type": "llama",
+            "vocab_size": lo.vocab as u64,
+            "hidden_size": (heads * head_dim) as u64,
+            "intermediate_size": round_to(geo(lo.intermediate, hi.intermediate), 256) as u64,
+            "num_hidden_layers": round_to(geo(lo.layers, hi.layers), 1) as u64,
+            "num_attention_heads": heads as u64,
+            "num_key_value_heads": lo.kv_heads as u64,
+            "head_dim": head_dim as u64,
+            "tie_word_embeddings": lo.tie_embeddings,
+        });
+        let shape = super::HfConfig::from_value(config).resolve(
+            &format!("synthetic-{label}"),
+            std::path::Path::new("src/model/size.rs"),
+        )?;
+        (
+            shape,
+            format!("interpolated between {lo_name} and {hi_name}"),
+        )
     };
     shape.name = format!("synthetic-{label}");
     let detail = format!(

@@ -115,23 +115,17 @@ pub enum ProbeError {
 
 /// memplan's PyTorch Job for the same step (NF4 weights, fp32 compute, eager attention).
 pub fn pytorch_job(cfg: &ModelConfig) -> Job {
-    let shape = ModelShape {
-        name: "probe".into(),
-        model_type: "llama".into(),
-        vocab: cfg.vocab as u128,
-        hidden: cfg.hidden as u128,
-        layers: cfg.layers as u128,
-        heads: cfg.heads as u128,
-        kv_heads: cfg.kv_heads as u128,
-        head_dim: cfg.head_dim() as u128,
-        intermediate: cfg.intermediate as u128,
-        tie_embeddings: cfg.tie_embeddings,
-        qkv_bias: false,
-        o_bias: false,
-        mlp_bias: false,
-        qk_norm: false,
-        moe: None,
-    };
+    let shape = ModelShape::llama(
+        "probe",
+        cfg.vocab as u128,
+        cfg.hidden as u128,
+        cfg.layers as u128,
+        cfg.heads as u128,
+        cfg.kv_heads as u128,
+        cfg.head_dim() as u128,
+        cfg.intermediate as u128,
+        cfg.tie_embeddings,
+    );
     let mut job = Job::new(shape, Method::Qlora);
     job.weights = Precision::Nf4;
     job.compute = Precision::Fp32;

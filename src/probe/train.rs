@@ -104,7 +104,7 @@ mod tests {
             rank: 4,
             alpha: 8.0,
             dropout: 0.0,
-            targets: crate::method::all_linear(),
+            targets: crate::method::dense_all_linear(),
             double_quant: false,
             nf4: true,
             batch: 1,

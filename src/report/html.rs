@@ -309,7 +309,10 @@ mod tests {
     fn validation_summary_quotes_the_accuracy_figures() {
         let s = validation_summary();
         assert!(s.contains("peak allocated median 0.03%, worst 2.3%"), "{s}");
-        assert!(s.contains("peak reserved (approximate) median 2.8%, worst 19%"), "{s}");
+        assert!(
+            s.contains("peak reserved (approximate) median 2.8%, worst 19%"),
+            "{s}"
+        );
     }
 
     #[test]
