@@ -18,7 +18,10 @@ use memplan::{resolve_model, Attention, Job, Method, Optimizer, Precision};
     name = "memplan",
     version,
     about = "How much GPU memory a fine-tuning step needs, why, and whether it fits",
-    long_about = None
+    long_about = None,
+    // A flag given twice takes its last value, so a suggestion (`would fit: --method qlora`)
+    // can be appended to the command that printed it.
+    args_override_self = true
 )]
 pub struct Cli {
     #[command(subcommand)]
