@@ -257,7 +257,8 @@ pub struct EstimateArgs {
     /// TOML file of [[gpu]] entries that add GPUs or override preset fields.
     #[arg(long)]
     pub gpu_file: Option<PathBuf>,
-    /// A GPU preset (h100-80gb, rtx-4090, …) or a size (24GB): adds a fit verdict.
+    /// A GPU preset (h100-80gb, rtx-4090, …) or a size with its unit (24GB = 24·10^9 bytes,
+    /// 24GiB = 24·2^30): adds a fit verdict.
     #[arg(long)]
     pub gpu: Option<String>,
     /// TOML written by `memplan probe --save-calibration`: measured CUDA context and workspace.
@@ -783,5 +784,141 @@ impl ProbeArgs {
             lr: self.lr,
             backend,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    const BEGIN: &str = "<!-- BEGIN: generated from the CLI definition by `cargo test --bin memplan` (MEMPLAN_BLESS=1 rewrites it) -->\n";
+    const END: &str = "<!-- END: generated -->\n";
+
+    fn cell(text: &str) -> String {
+        text.split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .replace('|', "\\|")
+    }
+
+    /// Every command and flag as Markdown: the reference part of book/src/usage.md.
+    fn usage_reference() -> String {
+        let cli = Cli::command();
+        let mut out = String::new();
+        for sub in cli.get_subcommands() {
+            let mut cmds = vec![(format!("memplan {}", sub.get_name()), sub)];
+            cmds.extend(
+                sub.get_subcommands()
+                    .map(|s| (format!("memplan {} {}", sub.get_name(), s.get_name()), s)),
+            );
+            for (name, cmd) in cmds {
+                if cmd.has_subcommands() {
+                    out += &format!(
+                        "### `{name}`\n\n{}\n\n",
+                        cell(&cmd.get_about().map(|a| a.to_string()).unwrap_or_default())
+                    );
+                    continue;
+                }
+                out += &format!(
+                    "### `{name}`\n\n{}\n\n| flag | meaning | default |\n|---|---|---|\n",
+                    cell(&cmd.get_about().map(|a| a.to_string()).unwrap_or_default())
+                );
+                for arg in cmd.get_arguments() {
+                    let id = arg.get_id().as_str();
+                    if id == "help" || id == "version" {
+                        continue;
+                    }
+                    let flag = match arg.get_long() {
+                        Some(l) => format!("`--{l}`"),
+                        None => format!("`<{}>`", id.to_ascii_uppercase()),
+                    };
+                    let mut help = cell(&arg.get_help().map(|h| h.to_string()).unwrap_or_default());
+                    let values: Vec<String> = arg
+                        .get_possible_values()
+                        .iter()
+                        .filter(|_| arg.get_action().takes_values())
+                        .map(|v| format!("`{}`", v.get_name()))
+                        .collect();
+                    if !values.is_empty() {
+                        help += &format!(" ({})", values.join(", "));
+                    }
+                    let default: Vec<String> = arg
+                        .get_default_values()
+                        .iter()
+                        .map(|v| v.to_string_lossy().into_owned())
+                        .filter(|v| v != "false")
+                        .map(|v| format!("`{v}`"))
+                        .collect();
+                    out += &format!("| {flag} | {help} | {} |\n", default.join(", "));
+                }
+                out += "\n";
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_flag_has_help() {
+        fn walk(cmd: &clap::Command, path: &str) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                assert!(
+                    arg.get_help()
+                        .is_some_and(|h| !h.to_string().trim().is_empty()),
+                    "{path} --{id} has no help text"
+                );
+            }
+            for sub in cmd.get_subcommands() {
+                assert!(
+                    sub.get_about().is_some(),
+                    "{path} {} has no about",
+                    sub.get_name()
+                );
+                walk(sub, &format!("{path} {}", sub.get_name()));
+            }
+        }
+        walk(&Cli::command(), "memplan");
+    }
+
+    /// book/src/usage.md holds the reference generated above, so it lists every flag of every
+    /// command (sharding, --emit, --check, …) and cannot fall behind the CLI.
+    #[test]
+    fn the_books_usage_page_is_generated_from_the_cli() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("book/src/usage.md");
+        let page = std::fs::read_to_string(&path).unwrap();
+        let (start, end) = (page.find(BEGIN), page.find(END));
+        let (Some(start), Some(end)) = (start, end) else {
+            panic!("book/src/usage.md lacks the generated-reference markers");
+        };
+        let now = format!(
+            "{}{BEGIN}\n{}{END}{}",
+            &page[..start],
+            usage_reference(),
+            &page[end + END.len()..]
+        );
+        if std::env::var_os("MEMPLAN_BLESS").is_some() {
+            std::fs::write(&path, &now).unwrap();
+        }
+        assert!(
+            page == now,
+            "book/src/usage.md is out of date: run MEMPLAN_BLESS=1 cargo test --bin memplan"
+        );
+    }
+
+    #[test]
+    fn value_parsers_say_what_they_expect() {
+        assert_eq!(positive_int("4"), Ok(4));
+        assert!(positive_int("-1").unwrap_err().contains("positive integer"));
+        assert!(positive_int("0").is_err());
+        assert_eq!(seq_len("4k"), Ok(4096));
+        assert_eq!(seq_len("128K"), Ok(131072));
+        assert_eq!(seq_len("1M"), Ok(1 << 20));
+        assert!(seq_len("-4k").is_err());
+        assert_eq!(zero_stage("3"), Ok(3));
+        assert!(zero_stage("4").unwrap_err().contains("0–3"));
     }
 }
