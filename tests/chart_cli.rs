@@ -74,20 +74,25 @@ fn breakdown_png_has_its_size_colours_and_text() {
         o,
     ]);
     let (w, h, px) = decode_png(&out);
-    // 6 bars: 160 + 120 × 6 px of plot, a 190 px capacity-label strip, a 250 px legend.
-    assert_eq!((w, h), (160 + 120 * 6 + 190 + 250, 680));
+    // 6 bars: 160 + 120 × 6 px of plot, a 190 px capacity-label strip, a 250 px legend; 760 px
+    // high with the title and settings header.
+    assert_eq!((w, h), (160 + 120 * 6 + 190 + 250, 760));
     let colours: HashSet<String> = px.iter().map(|&p| hex(p)).collect();
     assert!(colours.len() > 20, "only {} colours", colours.len());
     // The fixed component colours are painted (weights, activations, optimizer state …).
     for c in [
-        "#332288", "#cc6677", "#999933", "#117733", "#88ccee", "#cc3311",
+        "#332288", "#cc6677", "#999933", "#117733", "#88ccee",
     ] {
         assert!(colours.contains(c), "{c} missing");
+    }
+    // One colour per GPU line: a100-80gb and h100-80gb (80.00 and 79.65 GiB) are two lines.
+    for c in ["#cc3311", "#111111", "#882255"] {
+        assert!(colours.contains(c), "capacity colour {c} missing");
     }
     // The title is text in the bundled font: dark pixels in the top band.
     assert!(dark_pixels(w, &px, 0, 34) > 300);
     // Bar labels under the axis.
-    assert!(dark_pixels(w, &px, h - 60, h) > 300);
+    assert!(dark_pixels(w, &px, h - 90, h) > 300);
 }
 
 #[test]
@@ -113,7 +118,7 @@ fn sweep_png_and_svg_show_lines_capacities_and_crossings() {
         ]);
     }
     let (w, h, px) = decode_png(&png_out);
-    assert_eq!((w, h), (1000 + 190 + 400, 620));
+    assert_eq!((w, h), (1000 + 190 + 400, 620 + 64));
     let colours: HashSet<String> = px.iter().map(|&p| hex(p)).collect();
     for c in ["#0072b2", "#d55e00", "#cc3311"] {
         assert!(colours.contains(c), "{c} missing");
@@ -128,6 +133,8 @@ fn sweep_png_and_svg_show_lines_capacities_and_crossings() {
         "lora",
         "qlora",
         "log scale",
+        "checkpointing off",
+        "optimizer adamw",
     ] {
         assert!(text.contains(label), "{label} missing from\n{text}");
     }

@@ -8,7 +8,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::crossing::{max_fitting, Reach, SweepAxis};
-use super::palette::{line_colour, CAPACITY};
+use super::palette::line_colour;
 use super::render::{
     capacity_lines, count_label, draw_capacity_labels, text, thousands, Chart, CAPACITY_STRIP,
 };
@@ -55,6 +55,8 @@ pub struct Line {
 #[derive(Debug, Clone)]
 pub struct SweepChart {
     pub title: String,
+    /// The job settings the lines share (and those that differ, joined by `/`).
+    pub settings: String,
     pub axis: SweepAxis,
     pub xs: Vec<u128>,
     pub lines: Vec<Line>,
@@ -149,6 +151,7 @@ pub fn sweep(
     };
     Ok(SweepChart {
         title,
+        settings: super::render::settings_line(jobs),
         axis,
         xs: xs.to_vec(),
         lines,
@@ -172,7 +175,16 @@ fn crossing(job: &Job, axis: SweepAxis, lo: u128, hi: u128, gpu: &Gpu) -> Result
     let unit = axis.unit();
     let (text, at_bytes) = match reach {
         Reach::UpTo(v) => (
-            format!("fits up to {} {unit} on {}", thousands(v), gpu.name),
+            format!(
+                "fits up to {} {} on {}",
+                thousands(v),
+                if v == 1 {
+                    unit.trim_end_matches('s')
+                } else {
+                    unit
+                },
+                gpu.name
+            ),
             Some(estimate(&axis.at(job, v))?.device_bytes),
         ),
         Reach::Whole => (
@@ -254,7 +266,6 @@ impl SweepChart {
             * 1.08;
         let (lo, hi) = (self.xs[0] as f64, self.xs[self.xs.len() - 1] as f64);
         let mut chart = ChartBuilder::on(area)
-            .caption(&self.title, text(20.0, BLACK))
             .margin(12)
             .margin_right(CAPACITY_STRIP)
             .x_label_area_size(48)
@@ -282,19 +293,23 @@ impl SweepChart {
             .map_err(|e| e.to_string())?;
 
         let mut labels = Vec::new();
-        for (bytes, label) in capacity_lines(&self.gpus) {
+        for (bytes, label, colour) in capacity_lines(&self.gpus) {
             let y = bytes.gib();
             chart
                 .draw_series(DashedLineSeries::new(
                     [(lo, y), (hi, y)],
                     8,
                     5,
-                    CAPACITY.plotters().stroke_width(2),
+                    colour.plotters().stroke_width(2),
                 ))
                 .map_err(|e| e.to_string())?;
-            labels.push((chart.backend_coord(&(hi, y)).1, label));
+            labels.push((
+                super::breakdown::local(area, chart.backend_coord(&(hi, y))).1,
+                label,
+                colour,
+            ));
         }
-        let strip_x = chart.backend_coord(&(hi, 0.0)).0 + 8;
+        let strip_x = super::breakdown::local(area, chart.backend_coord(&(hi, 0.0))).0 + 8;
         draw_capacity_labels(area, strip_x, &labels)?;
         for (i, line) in self.lines.iter().enumerate() {
             let colour = line_colour(i).plotters();
@@ -363,16 +378,31 @@ impl SweepChart {
 impl Chart for SweepChart {
     fn size(&self) -> (u32, u32) {
         let legend_h = 90 + 30 * self.legend_rows() as u32;
-        (1000 + CAPACITY_STRIP + LEGEND_W, legend_h.max(620))
+        (1000 + CAPACITY_STRIP + LEGEND_W, legend_h.max(620) + 64)
     }
 
     fn title(&self) -> String {
-        self.title.clone()
+        format!("{} ({})", self.title, self.settings)
     }
 
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<(), String> {
         let (w, _) = self.size();
-        let (plot, legend) = root.split_horizontally(w - LEGEND_W);
+        let (header, body) = root.split_vertically(64);
+        header
+            .draw(&Text::new(
+                self.title.clone(),
+                (16, 10),
+                text(20.0, BLACK).pos(Pos::new(HPos::Left, VPos::Top)),
+            ))
+            .map_err(|e| e.to_string())?;
+        header
+            .draw(&Text::new(
+                self.settings.clone(),
+                (16, 38),
+                text(14.0, BLACK).pos(Pos::new(HPos::Left, VPos::Top)),
+            ))
+            .map_err(|e| e.to_string())?;
+        let (plot, legend) = body.split_horizontally(w - LEGEND_W);
         let (lo, hi) = (self.xs[0] as f64, self.xs[self.xs.len() - 1] as f64);
         // A single point still gets an axis around it.
         let hi = if hi > lo { hi } else { lo + 1.0 };

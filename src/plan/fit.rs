@@ -220,7 +220,7 @@ fn dominant(est: &Estimate, have: u128) -> (String, String) {
             let reason = if rest < have {
                 // What the GPU leaves for this component once everything else is placed.
                 format!(
-                    "{} {:.1} GiB > {:.1} GiB free (needs {:.1} of {:.1} GiB)",
+                    "{} {:.2} GiB > {:.2} GiB free (needs {:.2} of {:.2} GiB)",
                     c.name,
                     c.bytes.gib(),
                     Bytes(have - rest).gib(),
@@ -229,7 +229,7 @@ fn dominant(est: &Estimate, have: u128) -> (String, String) {
                 )
             } else {
                 format!(
-                    "needs {:.1} GiB > {:.1} GiB; largest part: {} {:.1} GiB (the rest alone is {:.1} GiB)",
+                    "needs {:.2} GiB > {:.2} GiB; largest part: {} {:.2} GiB (the rest alone is {:.2} GiB)",
                     est.device_bytes.gib(),
                     Bytes(have).gib(),
                     c.name,

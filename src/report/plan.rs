@@ -24,7 +24,7 @@ pub fn render_fit(r: &FitReport, format: Format) -> Result<String, Error> {
                     p.max_batch.to_string(),
                     p.max_seq.to_string(),
                     gib(p.device_bytes),
-                    gib(p.headroom_at_batch1_bytes),
+                    gib(p.headroom_bytes),
                     gib(p.cpu_offload_bytes),
                     tokens_per_s(p.tokens_per_second),
                     "fits".into(),
@@ -47,7 +47,7 @@ pub fn render_fit(r: &FitReport, format: Format) -> Result<String, Error> {
             ]
         }));
         let mut notes = vec![format!(
-            "{} plan(s) fit, {} rejected; {} estimates searched. max batch: largest micro-batch at seq {} (max + 1 does not fit); max seq: longest sequence at batch 1; device GiB at max batch; headroom at batch 1.",
+            "{} plan(s) fit, {} rejected; {} estimates searched. max batch: largest micro-batch at seq {} (max + 1 does not fit); device GiB, headroom GiB, CPU RAM GiB and tokens/s: at max batch × that seq; max seq: longest sequence at batch 1.",
             r.plans.len(),
             r.rejected.len(),
             r.estimates_evaluated,
@@ -55,14 +55,17 @@ pub fn render_fit(r: &FitReport, format: Format) -> Result<String, Error> {
         )];
         notes.extend(r.notes.iter().cloned());
         Sheet {
-            title: vec![format!(
-                "Plans for {} on {} × {} ({} GiB each), seq {}",
-                r.model,
-                r.gpus,
-                r.gpu,
-                gib(r.gpu_bytes),
-                r.seq
-            )],
+            title: vec![
+                format!(
+                    "Plans for {} on {} × {} ({} GiB each), seq {}",
+                    r.model,
+                    r.gpus,
+                    r.gpu,
+                    gib(r.gpu_bytes),
+                    r.seq
+                ),
+                "Ranked by estimated tokens/s at each plan's max batch (ties: the larger max batch, then the smaller device memory); plans that do not fit at batch 1 follow, unranked.".into(),
+            ],
             headers: [
                 "rank",
                 "method",
