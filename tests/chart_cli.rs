@@ -80,9 +80,7 @@ fn breakdown_png_has_its_size_colours_and_text() {
     let colours: HashSet<String> = px.iter().map(|&p| hex(p)).collect();
     assert!(colours.len() > 20, "only {} colours", colours.len());
     // The fixed component colours are painted (weights, activations, optimizer state …).
-    for c in [
-        "#332288", "#cc6677", "#999933", "#117733", "#88ccee",
-    ] {
+    for c in ["#332288", "#cc6677", "#999933", "#117733", "#88ccee"] {
         assert!(colours.contains(c), "{c} missing");
     }
     // One colour per GPU line: a100-80gb and h100-80gb (80.00 and 79.65 GiB) are two lines.

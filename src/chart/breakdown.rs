@@ -204,8 +204,8 @@ impl BreakdownChart {
                     format!("{v:.2}")
                 }
             })
-            .axis_desc_style(text(14.0, BLACK))
-            .label_style(text(13.0, BLACK))
+            .axis_desc_style(text(15.0, BLACK))
+            .label_style(text(15.0, BLACK))
             .draw()
             .map_err(|e| e.to_string())?;
 
@@ -235,7 +235,7 @@ impl BreakdownChart {
                 area.draw(&Text::new(
                     label.clone(),
                     (px, py + 8 + 18 * line as i32),
-                    text(13.0, BLACK).pos(Pos::new(HPos::Center, VPos::Top)),
+                    text(14.0, BLACK).pos(Pos::new(HPos::Center, VPos::Top)),
                 ))
                 .map_err(|e| e.to_string())?;
             }

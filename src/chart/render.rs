@@ -124,7 +124,7 @@ pub(crate) fn draw_capacity_labels<DB: DrawingBackend>(
         area.draw(&Text::new(
             label.clone(),
             (x, y),
-            text(14.0, colour.plotters()).pos(Pos::new(HPos::Left, VPos::Center)),
+            text(15.0, colour.plotters()).pos(Pos::new(HPos::Left, VPos::Center)),
         ))
         .map_err(|e| e.to_string())?;
     }

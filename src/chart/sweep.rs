@@ -287,8 +287,8 @@ impl SweepChart {
             .y_desc("GiB (device memory, as nvidia-smi shows it)")
             .y_label_formatter(&|v| format!("{v:.0}"))
             .x_label_formatter(&|v| count_label(*v))
-            .axis_desc_style(text(14.0, BLACK))
-            .label_style(text(13.0, BLACK))
+            .axis_desc_style(text(15.0, BLACK))
+            .label_style(text(15.0, BLACK))
             .draw()
             .map_err(|e| e.to_string())?;
 
@@ -342,7 +342,7 @@ impl SweepChart {
         area.draw(&Text::new(
             "● largest value that fits, to the token",
             (8, y),
-            text(13.0, BLACK).pos(Pos::new(HPos::Left, VPos::Top)),
+            text(14.0, BLACK).pos(Pos::new(HPos::Left, VPos::Top)),
         ))
         .map_err(|e| e.to_string())?;
         y += 30;
@@ -399,7 +399,7 @@ impl Chart for SweepChart {
             .draw(&Text::new(
                 self.settings.clone(),
                 (16, 38),
-                text(14.0, BLACK).pos(Pos::new(HPos::Left, VPos::Top)),
+                text(15.0, BLACK).pos(Pos::new(HPos::Left, VPos::Top)),
             ))
             .map_err(|e| e.to_string())?;
         let (plot, legend) = body.split_horizontally(w - LEGEND_W);
