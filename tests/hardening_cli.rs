@@ -411,3 +411,19 @@ fn cost_help_offers_only_training_methods() {
         "prices training",
     );
 }
+
+#[test]
+fn the_readme_headline_shows_a_plan_that_fits() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let cmd = "estimate --model 70B --method qlora --rank 16 --gpu rtx-a6000";
+    assert!(readme.contains(&format!("cargo run --release -- {cmd}")));
+    let args: Vec<&str> = cmd.split(' ').collect();
+    let text = stdout(&args);
+    assert!(text.contains("FITS on rtx-a6000"), "{text}");
+    // The README shows this command's output as it is.
+    assert!(
+        readme.contains(&text),
+        "README's example output is out of date:\n{text}"
+    );
+}
