@@ -427,3 +427,46 @@ fn the_readme_headline_shows_a_plan_that_fits() {
         "README's example output is out of date:\n{text}"
     );
 }
+
+#[test]
+fn sweep_legend_says_one_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sweep.svg");
+    stdout(&[
+        "chart",
+        "sweep",
+        "--model",
+        "8B",
+        "--method",
+        "lora",
+        "--batch",
+        "1..8",
+        "--gpu",
+        "rtx-4090",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let svg = std::fs::read_to_string(&out).unwrap();
+    assert!(svg.contains("fits up to 1 sample on rtx-4090"), "{svg}");
+    assert!(!svg.contains("1 samples"));
+}
+
+#[test]
+fn fit_reports_every_column_at_one_plan_point_and_states_its_ranking() {
+    let text = stdout(&["fit", "--model", "8B", "--gpu", "rtx-4090"]);
+    assert!(text.contains("Ranked by estimated tokens/s"), "{text}");
+    assert!(text.contains("at max batch × that seq"), "{text}");
+    let v = format_json(&["fit", "--model", "8B", "--gpu", "rtx-4090"]);
+    let gpu = v["gpu_bytes"].as_u64().unwrap();
+    for p in v["plans"].as_array().unwrap() {
+        // device + headroom add up to the card at the same point (max batch).
+        assert_eq!(
+            p["device_bytes"].as_u64().unwrap() + p["headroom_bytes"].as_u64().unwrap(),
+            gpu
+        );
+    }
+    for r in v["rejected"].as_array().unwrap() {
+        let reason = r["reason"].as_str().unwrap();
+        assert!(!reason.contains("24.0 GiB"), "{reason}");
+    }
+}
