@@ -346,6 +346,10 @@ pub struct JobSettings {
     /// some trainers do); by default transformers 5 + bitsandbytes keep them in 16 bit.
     #[arg(long)]
     pub quantize_experts: bool,
+    /// PyTorch caching-allocator settings, as in PYTORCH_CUDA_ALLOC_CONF, e.g.
+    /// expandable_segments:True,max_split_size_mb:128.
+    #[arg(long)]
+    pub alloc_conf: Option<String>,
 }
 
 impl JobSettings {
@@ -382,6 +386,9 @@ impl JobSettings {
         }
         job.kbit_prep = self.kbit_prep;
         job.quantize_experts = self.quantize_experts;
+        if let Some(c) = &self.alloc_conf {
+            job.alloc_conf = c.parse()?;
+        }
         job.validate()?;
         Ok(job)
     }

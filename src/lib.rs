@@ -12,6 +12,7 @@
 //! ```
 
 pub mod accuracy;
+pub mod alloc;
 pub mod arch;
 pub mod chart;
 pub mod cost;

@@ -6,6 +6,7 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
+use crate::alloc::AllocConf;
 use crate::dtype::Precision;
 use crate::error::Error;
 use crate::estimate::sharding::Sharding;
@@ -101,6 +102,9 @@ pub struct Job {
     /// Data-parallel sharding (ZeRO / FSDP); `None` is one GPU.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sharding: Option<Sharding>,
+    /// PyTorch caching-allocator settings (`PYTORCH_CUDA_ALLOC_CONF`, `--alloc-conf`).
+    #[serde(skip_serializing_if = "AllocConf::is_default")]
+    pub alloc_conf: AllocConf,
 }
 
 impl Job {
@@ -137,6 +141,7 @@ impl Job {
             quantize_experts: false,
             runtime: Runtime::Pytorch,
             sharding: None,
+            alloc_conf: AllocConf::default(),
         }
     }
 
@@ -217,11 +222,35 @@ impl Job {
             if !(0.0..1.0).contains(&l.dropout) {
                 return bad(format!("--lora-dropout {} must be in [0, 1)", l.dropout));
             }
-            let max_rank = crate::estimate::resident::lora_modules(self)
+            let modules = crate::estimate::resident::lora_modules(self);
+            if modules.is_empty() {
+                return bad(format!(
+                    "--lora-targets selects no module of {} (peft raises NoMatchingPeftModuleError); its projections: {}",
+                    self.model.name,
+                    self.model.recipe.projection_names().join(", ")
+                ));
+            }
+            if l.dropout > 0.0 && modules.iter().any(|m| m.param_wrapper) {
+                return bad(format!(
+                    "--lora-dropout {}: peft 0.21 adapts {}'s fused experts and router with lora.ParamWrapper, which raises \"lora.ParamWrapper does not work with lora_dropout != 0\"; pass --lora-dropout 0, or --lora-targets attention",
+                    l.dropout, self.model.name
+                ));
+            }
+            if let Some(router) = self.model.recipe.subclass_router() {
+                if l.targets.contains(&LinearKind::Router)
+                    && matches!(self.method, Method::Lora | Method::Qlora)
+                {
+                    return bad(format!(
+                        "--lora-targets reaches {router}, an nn.Linear subclass that returns a tuple: peft 0.21 wraps it and the forward fails ('tuple' object has no attribute 'dtype'); name the modules instead, e.g. --lora-targets attention,mlp"
+                    ));
+                }
+            }
+            let max_rank = modules
                 .iter()
-                .map(|(m, _)| m.in_f.min(m.out_f))
+                .filter(|m| !m.param_wrapper)
+                .map(|m| m.in_f.min(m.out_f))
                 .min()
-                .unwrap_or(0);
+                .unwrap_or(u128::MAX);
             if l.rank > max_rank {
                 return bad(format!(
                     "--rank {} exceeds the smallest targeted layer dimension ({max_rank}): a LoRA update cannot have higher rank than its matrix",
@@ -276,30 +305,36 @@ pub fn parse_targets(text: &str) -> Result<Vec<LinearKind>, Error> {
         expected: "all-linear, attention, mlp, or a comma list of module names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, qkv_proj, gate_up_proj, q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, router)",
     }
     };
-    let mut out = match text.trim() {
-        "all-linear" | "all" => all_linear(),
-        "attention" | "attn" => vec![
-            LinearKind::Q,
-            LinearKind::K,
-            LinearKind::V,
-            LinearKind::O,
-            LinearKind::Qkv,
-            LinearKind::QA,
-            LinearKind::QB,
-            LinearKind::KvA,
-            LinearKind::KvB,
-        ],
-        "mlp" => vec![
-            LinearKind::Gate,
-            LinearKind::Up,
-            LinearKind::Down,
-            LinearKind::GateUp,
-        ],
-        list => list
-            .split(',')
-            .map(|s| LinearKind::from_module_name(s.trim()).ok_or_else(invalid))
-            .collect::<Result<Vec<_>, _>>()?,
+    let group = |name: &str| -> Option<Vec<LinearKind>> {
+        Some(match name {
+            "all-linear" | "all" => all_linear(),
+            "attention" | "attn" => vec![
+                LinearKind::Q,
+                LinearKind::K,
+                LinearKind::V,
+                LinearKind::O,
+                LinearKind::Qkv,
+                LinearKind::QA,
+                LinearKind::QB,
+                LinearKind::KvA,
+                LinearKind::KvB,
+            ],
+            "mlp" => vec![
+                LinearKind::Gate,
+                LinearKind::Up,
+                LinearKind::Down,
+                LinearKind::GateUp,
+            ],
+            _ => return None,
+        })
     };
+    let mut out = Vec::new();
+    for name in text.split(',').map(str::trim) {
+        match group(name) {
+            Some(kinds) => out.extend(kinds),
+            None => out.push(LinearKind::from_module_name(name).ok_or_else(invalid)?),
+        }
+    }
     out.sort();
     out.dedup();
     if out.is_empty() {

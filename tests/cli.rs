@@ -174,6 +174,26 @@ fn bad_input_gets_one_clear_error() {
             "estimate",
             "--model",
             "8B",
+            "--alloc-conf",
+            "max_split_size_mb:8",
+        ],
+        "--alloc-conf",
+    );
+    fails_with(
+        &[
+            "estimate",
+            "--model",
+            "8B",
+            "--alloc-conf",
+            "expandable_segments:yes",
+        ],
+        "expandable_segments:True",
+    );
+    fails_with(
+        &[
+            "estimate",
+            "--model",
+            "8B",
             "--batch",
             "18446744073709551615",
             "--seq",

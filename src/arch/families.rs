@@ -12,7 +12,8 @@ use serde_json::Value;
 
 use super::decoder::{build, LayerSpec, Mlp, Norms, QkNorm, QkvProj};
 use super::{
-    Act, AttnSpec, Experts, Head, LayerRecipe, Module, Norm, NormKind, Proj, Recipe, Router,
+    Act, AttnSpec, Experts, Head, LayerRecipe, Module, Norm, NormKind, Param, ParamRole, Proj,
+    Recipe, Router,
 };
 use crate::error::Error;
 use crate::model::LinearKind;
@@ -288,9 +289,11 @@ impl Builder {
             layer_kind: self.layer_kind,
             final_norm,
             head,
-            frozen_extra: 0,
+            vision: Vec::new(),
+            peft_moe_conversion: false,
             notes: Vec::new(),
             eager_only: None,
+            use_cache: true,
         }
     }
 }
@@ -307,6 +310,12 @@ fn head(tied: bool) -> Head {
 
 /// Builds the recipe of `model_type` from its config object.
 pub fn recipe(model_type: &str, f: &Fields) -> Result<Recipe, Error> {
+    let mut r = family(model_type, f)?;
+    r.use_cache = f.flag("use_cache", true)?;
+    Ok(r)
+}
+
+fn family(model_type: &str, f: &Fields) -> Result<Recipe, Error> {
     match model_type {
         "llama" | "mistral" | "qwen2" | "qwen3" | "granite" => llama_like(model_type, f),
         "phi3" => phi3(f),
@@ -511,10 +520,8 @@ fn gemma(model_type: &str, f: &Fields) -> Result<Recipe, Error> {
         _ => "Gemma3ForCausalLM",
     };
     let mut r = b.finish(class, &d, Norm::new(NormKind::RmsGemma, d.hidden), h);
-    if model_type == "gemma2" {
-        r.eager_only = Some(
-            "transformers 5.17 runs Gemma 2 with eager attention only (soft-capped scores)".into(),
-        );
+    if model_type == "gemma2" && f.is_set("attn_logit_softcapping") {
+        r.notes.push("attention-logit soft-capping applies under eager attention only (transformers' SDPA path ignores `softcap`)".into());
     }
     Ok(r)
 }
@@ -548,8 +555,14 @@ fn moe(model_type: &str, f: &Fields) -> Result<Recipe, Error> {
     } else {
         NormKind::Rms
     };
+    // phimoe's router is `PhimoeTopKRouter(nn.Linear)`; Mixtral's and Qwen3-MoE's a parameter.
+    let router_module = if phimoe {
+        Module::LinearSubclass
+    } else {
+        Module::Param
+    };
     let moe_mlp = Mlp::Moe {
-        router: router(d.hidden, e, k, Module::Param, false),
+        router: router(d.hidden, e, k, router_module, false),
         experts: Experts {
             experts: e,
             top_k: k,
@@ -557,7 +570,8 @@ fn moe(model_type: &str, f: &Fields) -> Result<Recipe, Error> {
             inter: d.inter,
             bias: false,
             act: Act::Silu,
-            lora_all_linear: false,
+            fp32_weights: model_type == "mixtral",
+            dense_all: false,
         },
         shared_inter: None,
     };
@@ -603,7 +617,9 @@ fn moe(model_type: &str, f: &Fields) -> Result<Recipe, Error> {
     };
     let mut h = head(f.flag("tie_word_embeddings", false)?);
     h.bias = phimoe && f.flag("lm_head_bias", false)?;
-    Ok(b.finish(class, &d, Norm::new(norm, d.hidden), h))
+    let mut r = b.finish(class, &d, Norm::new(norm, d.hidden), h);
+    r.peft_moe_conversion = !phimoe;
+    Ok(r)
 }
 
 /// gpt-oss (`GptOssDecoderLayer`): attention with biases and per-head sinks, alternating
@@ -630,7 +646,7 @@ fn gpt_oss(f: &Fields) -> Result<Recipe, Error> {
         a.sinks = true;
         let spec = LayerSpec {
             hidden: d.hidden,
-            norms: Norms::pre(NormKind::Rms),
+            norms: Norms::pre(NormKind::RmsFp32Weight),
             qkv: QkvProj::Separate {
                 bias: f.flag("attention_bias", true)?,
             },
@@ -646,7 +662,8 @@ fn gpt_oss(f: &Fields) -> Result<Recipe, Error> {
                     inter: d.inter,
                     bias: true,
                     act: Act::ClampedSwiglu,
-                    lora_all_linear: false,
+                    fp32_weights: false,
+                    dense_all: false,
                 },
                 shared_inter: None,
             },
@@ -654,12 +671,17 @@ fn gpt_oss(f: &Fields) -> Result<Recipe, Error> {
         };
         b.push(if s { "sliding" } else { "full" }, spec);
     }
-    Ok(b.finish(
+    let mut r = b.finish(
         "GptOssForCausalLM",
         &d,
-        Norm::new(NormKind::Rms, d.hidden),
+        Norm::new(NormKind::RmsFp32Weight, d.hidden),
         head(f.flag("tie_word_embeddings", false)?),
-    ))
+    );
+    r.eager_only = Some(
+        "transformers 5.17 has no SDPA path for gpt-oss (attention sinks; `_supports_sdpa = False`), so it trains with eager attention".into(),
+    );
+    r.notes.push("the MXFP4 checkpoint is dequantized to bf16 for training (transformers' Mxfp4 quantizer is not trainable; `dequantize=True`)".into());
+    Ok(r)
 }
 
 /// DeepSeek-V2 and V3 (`DeepseekV3DecoderLayer`): multi-head latent attention, the first
@@ -721,7 +743,8 @@ fn deepseek(model_type: &str, f: &Fields) -> Result<Recipe, Error> {
                         inter: mi,
                         bias: false,
                         act: Act::Silu,
-                        lora_all_linear: false,
+                        fp32_weights: true,
+                        dense_all: false,
                     },
                     shared_inter: (shared > 0).then_some(shared * mi),
                 }
@@ -737,12 +760,14 @@ fn deepseek(model_type: &str, f: &Fields) -> Result<Recipe, Error> {
     } else {
         "DeepseekV3ForCausalLM"
     };
-    Ok(b.finish(
+    let mut r = b.finish(
         class,
         &d,
         Norm::new(NormKind::Rms, d.hidden),
         head(f.flag("tie_word_embeddings", false)?),
-    ))
+    );
+    r.peft_moe_conversion = true;
+    Ok(r)
 }
 
 /// Llama 4 text (`Llama4TextDecoderLayer`): MoE every `interleave_moe_layer_step` layers (a
@@ -787,7 +812,7 @@ fn llama4_text(f: &Fields) -> Result<Recipe, Error> {
             o_bias: f.flag("attention_bias", false)?,
             mlp: if sparse {
                 Mlp::Moe {
-                    router: router(d.hidden, e, k, Module::Linear, false),
+                    router: router(d.hidden, e, k, Module::LinearSubclass, false),
                     experts: Experts {
                         experts: e,
                         top_k: k,
@@ -795,7 +820,8 @@ fn llama4_text(f: &Fields) -> Result<Recipe, Error> {
                         inter: d.inter,
                         bias: false,
                         act: Act::Silu,
-                        lora_all_linear: false,
+                        fp32_weights: false,
+                        dense_all: true,
                     },
                     shared_inter: Some(d.inter),
                 }
@@ -814,10 +840,49 @@ fn llama4_text(f: &Fields) -> Result<Recipe, Error> {
     ))
 }
 
+fn vlin(name: &'static str, in_f: u128, out_f: u128, bias: bool, n: u128) -> [(Param, u128); 2] {
+    [
+        (
+            Param {
+                name,
+                rows: out_f,
+                cols: in_f,
+                copies: 1,
+                role: ParamRole::VisionLinear(LinearKind::from_module_name(name)),
+            },
+            n,
+        ),
+        (
+            Param {
+                name: "vision.bias",
+                rows: 1,
+                cols: if bias { out_f } else { 0 },
+                copies: 1,
+                role: ParamRole::VisionOther,
+            },
+            n,
+        ),
+    ]
+}
+
+fn vother(n: u128) -> (Param, u128) {
+    (
+        Param {
+            name: "vision.other",
+            rows: 1,
+            cols: n,
+            copies: 1,
+            role: ParamRole::VisionOther,
+        },
+        1,
+    )
+}
+
 /// Parameters of a SigLIP vision tower and Gemma 3's `multi_modal_projector`
-/// (`modeling_siglip.py` `SiglipVisionTransformer`; `modeling_gemma3.py`
-/// `Gemma3MultiModalProjector`: a [vision_h, text_h] weight and a Gemma RMSNorm of vision_h).
-pub fn gemma3_vision_params(v: &Fields, text_hidden: u128) -> Result<u128, Error> {
+/// (`modeling_siglip.py` `SiglipVisionTransformer` without its pooling head
+/// (`vision_use_head=False`); `modeling_gemma3.py` `Gemma3MultiModalProjector`: a plain
+/// [vision_h, text_h] parameter and a Gemma RMSNorm of vision_h).
+pub fn gemma3_vision(v: &Fields, text_hidden: u128) -> Result<Vec<(Param, u128)>, Error> {
     let h = v.need("hidden_size")?;
     let i = v.need("intermediate_size")?;
     let layers = v.need("num_hidden_layers")?;
@@ -825,11 +890,25 @@ pub fn gemma3_vision_params(v: &Fields, text_hidden: u128) -> Result<u128, Error
     let image = v.need("image_size")?;
     let channels = v.or("num_channels", 3)?;
     let patches = (image / patch) * (image / patch);
-    let embeddings = channels * patch * patch * h + h + patches * h;
-    // q, k, v, o with biases; fc1, fc2 with biases; two LayerNorms (weight + bias).
-    let layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 4 * h;
-    let post_layernorm = 2 * h;
-    Ok(embeddings + layers * layer + post_layernorm + h * text_hidden + h)
+    let mut out = Vec::new();
+    // Patch Conv2d (weight + bias), position embedding; per layer 2 LayerNorms; post_layernorm;
+    // the projector parameter and its norm.
+    out.push(vother(
+        channels * patch * patch * h
+            + h
+            + patches * h
+            + layers * 4 * h
+            + 2 * h
+            + h * text_hidden
+            + h,
+    ));
+    for name in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+        out.extend(vlin(name, h, h, true, layers));
+    }
+    out.extend(vlin("fc1", h, i, true, layers));
+    out.extend(vlin("fc2", i, h, true, layers));
+    out.retain(|(p, _)| p.numel() > 0);
+    Ok(out)
 }
 
 /// Parameters of Llama 4's vision model and projector (`modeling_llama4.py`
@@ -838,7 +917,7 @@ pub fn gemma3_vision_params(v: &Fields, text_hidden: u128) -> Result<u128, Error
 /// and fc1/fc2 and two LayerNorms, the pixel-shuffle MLP adapter (fc1 intermediate →
 /// projector_input_dim, fc2 projector_output_dim², no biases); `Llama4MultiModalProjector`: one
 /// vision_output_dim → text hidden `nn.Linear` without bias).
-pub fn llama4_vision_params(v: &Fields, text_hidden: u128) -> Result<u128, Error> {
+pub fn llama4_vision(v: &Fields, text_hidden: u128) -> Result<Vec<(Param, u128)>, Error> {
     let h = v.need("hidden_size")?;
     let i = v.need("intermediate_size")?;
     let layers = v.need("num_hidden_layers")?;
@@ -847,10 +926,30 @@ pub fn llama4_vision_params(v: &Fields, text_hidden: u128) -> Result<u128, Error
     let channels = v.or("num_channels", 3)?;
     let proj_in = v.need("projector_input_dim")?;
     let proj_out = v.need("projector_output_dim")?;
-    let out = v.need("vision_output_dim")?;
+    let out_dim = v.need("vision_output_dim")?;
     let patches = (image / patch) * (image / patch) + 1;
-    let embeddings = channels * patch * patch * h + h + patches * h + 4 * h;
-    let layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 4 * h;
-    let adapter = i * proj_in + proj_out * proj_out;
-    Ok(embeddings + layers * layer + adapter + out * text_hidden)
+    let mut out = vec![vother(h + patches * h + 4 * h + layers * 4 * h)];
+    out.extend(vlin(
+        "patch_embedding",
+        channels * patch * patch,
+        h,
+        false,
+        1,
+    ));
+    for name in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+        out.extend(vlin(name, h, h, true, layers));
+    }
+    out.extend(vlin("fc1", h, i, true, layers));
+    out.extend(vlin("fc2", i, h, true, layers));
+    out.extend(vlin("vision_adapter.fc1", i, proj_in, false, 1));
+    out.extend(vlin("vision_adapter.fc2", proj_out, proj_out, false, 1));
+    out.extend(vlin(
+        "multi_modal_projector",
+        out_dim,
+        text_hidden,
+        false,
+        1,
+    ));
+    out.retain(|(p, _)| p.numel() > 0);
+    Ok(out)
 }

@@ -103,6 +103,10 @@ pub enum Module {
     /// A plain `nn.Parameter` used as a linear map (transformers 5 fused experts, routers):
     /// bitsandbytes leaves it in 16 bit; peft adapts it only through `target_parameters`.
     Param,
+    /// A subclass of `nn.Linear` (Llama 4's and Phi-3.5-MoE's routers): bitsandbytes converts
+    /// only `type(module) is nn.Linear`, so it stays 16-bit, but peft's `all-linear` matches it
+    /// (`isinstance`).
+    LinearSubclass,
 }
 
 /// A projection `in_f → out_f` (one per layer, or `copies` stacked experts).
@@ -178,8 +182,12 @@ pub struct Experts {
     /// Biases on both expert projections (gpt-oss).
     pub bias: bool,
     pub act: Act,
-    /// Whether peft's `all-linear` puts LoRA on the fused parameters (`target_parameters`).
-    pub lora_all_linear: bool,
+    /// The routing weights are fp32 (Mixtral, DeepSeek routers): the weighted expert outputs are
+    /// fp32 too.
+    pub fp32_weights: bool,
+    /// Every token runs through every expert, weighted by its (mostly zero) score (Llama 4's
+    /// `Llama4TextMoe`: `hidden.repeat(E, 1) * scores`, then `bmm`), instead of the top-k.
+    pub dense_all: bool,
 }
 
 impl Experts {
@@ -283,8 +291,12 @@ pub enum ParamRole {
     Vector,
     Embedding,
     LmHead,
-    /// Frozen and resident, never trained (a multimodal wrapper's vision tower).
-    FrozenExtra,
+    /// An `nn.Linear` of a vision tower: quantized by bitsandbytes, adapted by `all-linear` (and
+    /// by a target list naming it: peft matches module-name suffixes), but never in the graph
+    /// of a text-only batch.
+    VisionLinear(Option<LinearKind>),
+    /// Other vision-tower parameters (embeddings, norms, a plain projection parameter).
+    VisionOther,
 }
 
 /// Embedding and lm_head.
@@ -313,12 +325,23 @@ pub struct Recipe {
     pub layer_kind: Vec<usize>,
     pub final_norm: Norm,
     pub head: Head,
-    /// Frozen resident parameters outside the decoder (vision tower and projector).
-    pub frozen_extra: u128,
+    /// Frozen resident parameters outside the decoder (a multimodal wrapper's vision tower and
+    /// projector), with their multiplicity.
+    pub vision: Vec<(Param, u128)>,
+    /// peft 0.21 converts MoE target names for this model type (`transformers_weight_conversion`
+    /// `_MODEL_TO_CONVERSION_PATTERN`: mixtral, qwen2_moe): `gate_proj`/`up_proj`/`w1`/`w3` become
+    /// `target_parameters` on the fused `gate_up_proj` (rank 2r when both are named),
+    /// `down_proj`/`w2` on `down_proj`, `gate` on the router weight — and no `nn.Linear` named
+    /// gate/up/down_proj (dense layers, shared experts) keeps an adapter.
+    pub peft_moe_conversion: bool,
     /// Assumptions stated in `--explain`.
     pub notes: Vec<String>,
     /// When transformers allows only eager attention for this model: the reason.
     pub eager_only: Option<String>,
+    /// `use_cache` of the config (transformers' default: true). A training forward without
+    /// gradient checkpointing then fills a `DynamicCache`, whose `torch.cat` hands the attention
+    /// copies of k and v.
+    pub use_cache: bool,
 }
 
 impl Recipe {
@@ -377,24 +400,49 @@ impl Recipe {
         if self.head.bias {
             out.push((vector("lm_head.bias", self.vocab), 1));
         }
-        if self.frozen_extra > 0 {
-            out.push((
-                Param {
-                    name: "vision_tower",
-                    rows: 1,
-                    cols: self.frozen_extra,
-                    copies: 1,
-                    role: ParamRole::FrozenExtra,
-                },
-                1,
-            ));
-        }
+        out.extend(self.vision.iter().copied());
         out.retain(|(p, _)| p.numel() > 0);
         out
     }
 
     pub fn param_total(&self) -> u128 {
         self.params().iter().map(|(p, n)| p.numel() * n).sum()
+    }
+
+    /// The module names of the decoder's projections (for error messages).
+    pub fn projection_names(&self) -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = Vec::new();
+        for k in &self.kinds {
+            for op in &k.ops {
+                let n = match &op.kind {
+                    OpKind::Linear(p) => p.name,
+                    OpKind::Router(r) => r.proj.name,
+                    OpKind::Experts(_) => "experts",
+                    _ => continue,
+                };
+                if !names.contains(&n) {
+                    names.push(n);
+                }
+            }
+        }
+        names
+    }
+
+    /// The class of a router that subclasses `nn.Linear`, if the model has one.
+    pub fn subclass_router(&self) -> Option<String> {
+        self.kinds
+            .iter()
+            .flat_map(|k| &k.ops)
+            .find_map(|op| match &op.kind {
+                OpKind::Router(r) if r.proj.module == Module::LinearSubclass => {
+                    Some(format!("{}'s router", self.class))
+                }
+                _ => None,
+            })
+    }
+
+    pub fn vision_params(&self) -> u128 {
+        self.vision.iter().map(|(p, n)| p.numel() * n).sum()
     }
 }
 
@@ -459,7 +507,7 @@ fn proj_params(p: &Proj, copies: u128, out: &mut Vec<Param>) {
         copies,
         role: match p.module {
             Module::Linear => ParamRole::LinearWeight(p.kind),
-            Module::Param => ParamRole::ParamWeight(p.kind),
+            Module::Param | Module::LinearSubclass => ParamRole::ParamWeight(p.kind),
         },
     });
     if p.bias {

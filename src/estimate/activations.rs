@@ -112,6 +112,10 @@ pub struct OpCost {
     pub ckpt_transient: u128,
     /// Extra bytes alive while the op's backward runs (input and adapter gradients).
     pub bwd_transient: u128,
+    /// A backward in stages (the experts: down projection, then gate_up): each stage's transient
+    /// bytes and how many of the op's saved tensors, from the end of `saved`, it releases. Empty:
+    /// one stage of `bwd_transient` releasing everything.
+    pub bwd_stages: Vec<(u128, usize)>,
     /// Parameter gradients the op's backward creates (bytes each).
     pub grads: Vec<u128>,
 }
@@ -168,14 +172,10 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn lora(&self, p: &Proj) -> Option<&crate::method::LoraSettings> {
-        if p.module != crate::arch::Module::Linear {
-            return None;
-        }
         self.job
             .lora
             .as_ref()
-            .filter(|_| matches!(self.job.method, Method::Lora | Method::Qlora))
-            .filter(|l| l.targets.contains(&p.kind))
+            .filter(|_| super::resident::adapts_linear(self.job, p))
     }
 
     fn quantized(&self, p: &Proj) -> bool {
@@ -272,6 +272,17 @@ fn op_cost(
             if in_rg || trains {
                 // fp32 softmax over the experts, top-k weights (fp32) and int64 indices.
                 c.saved.push(Saved::Own(t * (4 * r.experts + 12 * r.top_k)));
+            }
+            let (_, _, wrapped) = super::resident::adapted_expert_params(cx.job);
+            if wrapped && r.proj.module == crate::arch::Module::Param {
+                // ParamWrapper materialises W + ΔW in the weight's dtype; F.linear saves it.
+                let rank = cx.job.lora.as_ref().map_or(0, |l| l.rank);
+                c.saved
+                    .push(Saved::Own(r.proj.in_f * r.proj.out_f * cx.param_bytes()));
+                c.saved.push(Saved::Shared(inputs[0]));
+                c.grads
+                    .push(rank * (r.proj.in_f + r.proj.out_f) * ADAPTER_BYTES);
+                return (c, true);
             }
             (c, trains)
         }
@@ -400,6 +411,14 @@ fn attention(cx: &Ctx, a: &AttnSpec, v: T, out: T, c: &mut OpCost) {
     let vq = a.heads * a.v_head_dim;
     let seq = cx.job.seq;
     c.fwd_transient = attention_fwd_transient(cx, a);
+    // With a DynamicCache (use_cache, no checkpointing) the attention gets `torch.cat` copies of
+    // k and v: v is then its own tensor, not a view of the projection's output.
+    let cached = cx.job.model.recipe.use_cache && !cx.job.grad_checkpointing;
+    let v_saved = if cached {
+        Saved::Own(t * s_b * a.kv_heads * a.v_head_dim)
+    } else {
+        Saved::Shared(v)
+    };
     match cx.job.attention {
         Attention::Sdpa | Attention::Flash
             if !(cx.job.attention == Attention::Sdpa && sdpa_masked(cx.job, a)) =>
@@ -407,7 +426,7 @@ fn attention(cx: &Ctx, a: &AttnSpec, v: T, out: T, c: &mut OpCost) {
             // Flash attention: roped q and k, v (a view of its projection's output), the output
             // (o_proj's input) and the fp32 log-sum-exp per head.
             c.saved.push(Saved::Own(t * s_b * (q + kv)));
-            c.saved.push(Saved::Shared(v));
+            c.saved.push(v_saved);
             c.saved.push(Saved::Shared(out));
             c.saved.push(Saved::Own(t * 4 * a.heads));
             c.bwd_transient = t * (s_b * (2 * q + 2 * kv) + 4 * a.heads);
@@ -429,7 +448,7 @@ fn attention(cx: &Ctx, a: &AttnSpec, v: T, out: T, c: &mut OpCost) {
             if repeated {
                 c.saved.push(Saved::Own(t * s_b * vq));
             } else {
-                c.saved.push(Saved::Shared(v));
+                c.saved.push(v_saved);
             }
             let per_score = if a.sinks {
                 s_b
@@ -437,69 +456,149 @@ fn attention(cx: &Ctx, a: &AttnSpec, v: T, out: T, c: &mut OpCost) {
                 4 + s_b + if a.softcap { s_b } else { 0 }
             };
             c.saved.push(Saved::Own(t * per_score * a.heads * seq));
-            c.bwd_transient = t * (10 * a.heads * seq + 3 * s_b * q);
+            // Per score in backward: the softmax output's gradient chain — the matmul's gradient
+            // (2 B), its fp32 cast and `_softmax_backward_data` (4 + 4 B). With sinks the
+            // softmax ran in bf16: the scores' gradient, its zero-padded [.., s+1] copy for the
+            // slice, the softmax and max-subtraction gradients (2 B each, at most 3 alive).
+            let per_score = if a.sinks { 6 } else { 10 };
+            c.bwd_transient = t * (per_score * a.heads * seq + 3 * s_b * q);
         }
     }
 }
 
-/// transformers 5 fused experts, tokens split evenly over the experts.
+/// transformers 5 fused experts under the default `grouped_mm` implementation
+/// (`integrations/moe.py` `grouped_mm_experts_forward`): the S = tokens·k routed rows are
+/// gathered and sorted by expert into single tensors, so each intermediate is one tensor of S
+/// rows whatever the routing. Llama 4 runs every token through every expert (S = tokens·E).
 fn experts(cx: &Ctx, e: &Experts, in_rg: bool) -> (OpCost, bool) {
     let mut c = OpCost::default();
     let t = cx.tokens;
     let dt = cx.dt;
     let a = dt.linear_out;
+    let pb = cx.param_bytes();
     let trains = cx.full;
     let (h, i) = (e.hidden, e.inter);
-    let copies = t * e.top_k;
-    let per_expert = |bytes_per_token: u128| -> Vec<Saved> {
-        split(copies, e.experts)
-            .into_iter()
-            .filter(|&n| n > 0)
-            .map(|n| Saved::Own(n * bytes_per_token))
-            .collect()
+    let rows = if e.dense_all {
+        t * e.experts
+    } else {
+        t * e.top_k
     };
-    // Per routed token: gate_up output (2i), activation output(s), product (i), down output (h),
-    // the index (8 B); the gathered input (h) and the product are saved for the weights'
-    // gradients only when the experts train.
+    let (gu_mult, down_wrapped, _) = super::resident::adapted_expert_params(cx.job);
     let act_own = match e.act {
         Act::Silu | Act::GeluTanh => 1,
         Act::ClampedSwiglu => 4,
     };
-    let mut per_token = a * (2 * i + act_own * i + h) + 8;
-    if trains {
-        per_token += dt.residual * h + a * i;
-    }
-    let saved = per_expert(per_token);
-    c.ckpt_transient = copies * per_token;
-    if in_rg || trains {
-        c.saved = saved;
-    }
-    let dequant =
-        if cx.job.quantize_experts && matches!(cx.job.weights, Precision::Nf4 | Precision::Int8) {
-            2 * i * h * dt.compute
+    let weights_bytes = if e.fp32_weights { 4 } else { a };
+    // Saved, in the order the backward releases them (from the end): the gate_up output (the
+    // activation's input and up's view), the activation's own outputs, the gathered input (for
+    // gate_up's weight gradient), W + ΔW of gate_up — released by the gate_up stage; then the
+    // down output (saved by the routing-weight multiply; Llama 4: the repeated input), routing
+    // weights and int64 indices, the product (for down's weight gradient), W + ΔW of down —
+    // released by the down stage, which runs first.
+    // ParamWrapper (peft) materialises W + ΔW of each adapted fused parameter in its dtype every
+    // forward (`torch.baddbmm`); grouped_mm saves it for backward.
+    // Beside W + ΔW, baddbmm saves the LoRA factors cast to the weight's dtype
+    // (`get_delta_factors`): r_eff · E · (d1 + d2) elements.
+    let rank = cx.job.lora.as_ref().map_or(0, |l| l.rank);
+    let gu_factors = gu_mult * rank * e.experts * (2 * i + h);
+    let down_factors = if down_wrapped {
+        rank * e.experts * (h + i)
+    } else {
+        0
+    };
+    let gu_w = if gu_mult > 0 {
+        (e.gate_up_params() + gu_factors) * pb
+    } else {
+        0
+    };
+    let down_w = if down_wrapped {
+        (e.down_params() + down_factors) * pb
+    } else {
+        0
+    };
+    let gate_up_stage = [
+        rows * 2 * i * a,
+        rows * act_own * i * a,
+        if trains || gu_mult > 0 {
+            rows * h * dt.residual
         } else {
             0
-        };
-    c.fwd_transient = dequant;
-    // Backward of one expert: gradients of its output, product and gate_up output; with trained
-    // experts, `select_backward` materialises a zero gradient of the whole fused parameter for
-    // each expert before accumulating it.
-    let share = copies.div_ceil(e.experts.max(1));
-    c.bwd_transient = share * a * (3 * i + h)
-        + dequant
-        + if trains {
-            e.gate_up_params().max(e.down_params()) * cx.param_bytes()
+        },
+        gu_w,
+    ];
+    let mut down_stage = vec![
+        rows * h * a,
+        rows * (8 + weights_bytes),
+        if trains || down_wrapped {
+            rows * i * a
         } else {
             0
-        };
-    if trains {
-        c.grads.push(e.gate_up_params() * cx.param_bytes());
-        c.grads.push(e.down_params() * cx.param_bytes());
-        if e.bias {
-            c.grads.push(e.bias_params() * cx.param_bytes());
+        },
+        down_w,
+    ];
+    // transformers 4.x layout (`--quantize-experts`): one Linear4bit + LoRA per expert, each
+    // saving its fp32 input copy (+ dropout mask) and lora_A's output for its routed rows.
+    if cx.job.quantize_experts {
+        if let Some(l) = cx.job.lora.as_ref().filter(|_| !cx.full) {
+            let copy = |w: u128| if l.dropout > 0.0 { 5 * w } else { 4 * w };
+            for (kind, w) in [
+                (crate::model::LinearKind::Gate, h),
+                (crate::model::LinearKind::Up, h),
+                (crate::model::LinearKind::Down, i),
+            ] {
+                if l.targets.contains(&kind) {
+                    down_stage.push(rows * (copy(w) + 4 * l.rank));
+                    c.grads.push(e.experts * l.rank * (h + i) * ADAPTER_BYTES);
+                }
+            }
         }
     }
-    (c, trains)
+    let saved: Vec<u128> = gate_up_stage
+        .iter()
+        .chain(&down_stage)
+        .copied()
+        .filter(|&b| b > 0)
+        .collect();
+    c.ckpt_transient = saved.iter().sum();
+    let wrapped = gu_w + down_w;
+    let saves = in_rg || trains || wrapped > 0;
+    if saves {
+        c.saved = saved.into_iter().map(Saved::Own).collect();
+    }
+    // Forward: the weighted outputs and their un-permuted gather (fp32 for fp32 routing
+    // weights), and with per-expert 4-bit layers one dequantized expert weight.
+    let quantized =
+        cx.job.quantize_experts && matches!(cx.job.weights, Precision::Nf4 | Precision::Int8);
+    let dequant = if quantized { i * h * dt.compute } else { 0 };
+    c.fwd_transient = 2 * rows * h * weights_bytes + dequant;
+    // Backward, down first: gradients of the down output and the product, and of the
+    // materialised W + ΔW of down before it flows to the LoRA factors; then gate_up's: the
+    // gradient of its output and of its W + ΔW.
+    let down_count = down_stage.iter().filter(|&&b| b > 0).count();
+    let gu_count = gate_up_stage.iter().filter(|&&b| b > 0).count();
+    let down_t = rows * a * (h + i) + dequant + down_w;
+    let gu_t = rows * a * 2 * i + dequant + gu_w;
+    c.bwd_transient = down_t.max(gu_t);
+    if saves {
+        c.bwd_stages = vec![(down_t, down_count), (gu_t, gu_count)];
+    }
+    if trains {
+        c.grads.push(e.gate_up_params() * pb);
+        c.grads.push(e.down_params() * pb);
+        if e.bias {
+            c.grads.push(e.bias_params() * pb);
+        }
+    }
+    let rank = cx.job.lora.as_ref().map_or(0, |l| l.rank);
+    if gu_mult > 0 {
+        c.grads
+            .push(gu_mult * rank * e.experts * (2 * i + h) * ADAPTER_BYTES);
+    }
+    if down_wrapped {
+        c.grads.push(rank * e.experts * (h + i) * ADAPTER_BYTES);
+    }
+    let adapted = wrapped > 0 || !c.grads.is_empty();
+    (c, trains || adapted)
 }
 
 /// `n` items split as evenly as possible into `k` parts.

@@ -426,11 +426,21 @@ fn backward_layer(
             }
             block = Some(b);
         }
-        t.transient(Category::Temporaries, op.bwd_transient);
+        let mut mine = saved.get_mut(i).map(std::mem::take).unwrap_or_default();
+        if op.bwd_stages.is_empty() {
+            t.transient(Category::Temporaries, op.bwd_transient);
+        } else {
+            for &(bytes, n) in &op.bwd_stages {
+                t.transient(Category::Temporaries, bytes);
+                for s in mine.split_off(mine.len().saturating_sub(n)) {
+                    t.release(s);
+                }
+            }
+        }
         if let Some(u) = upstream.take() {
             t.release(u);
         }
-        for s in saved.get_mut(i).map(std::mem::take).unwrap_or_default() {
+        for s in mine {
             t.release(s);
         }
         for &g in &op.grads {
@@ -478,7 +488,7 @@ fn head_inventory(job: &Job, tokens: u128) -> LayerInventory {
 }
 
 /// Attention masks built once per forward (bytes each).
-fn mask_bytes(job: &Job) -> Vec<u128> {
+pub(crate) fn mask_bytes(job: &Job) -> Vec<u128> {
     use crate::arch::OpKind;
     let r = &job.model.recipe;
     let (mut causal, mut window) = (false, false);
@@ -819,7 +829,13 @@ mod tests {
     fn moe_trains_all_experts_but_activates_k() {
         // transformers 5 holds Mixtral's experts as fused 3-D parameters, which bitsandbytes
         // leaves in bf16: 32 layers × 8 experts × 3 × 4096 × 14336 × 2 B = 84 GiB of experts.
-        let j = job("mixtral-8x7b", Method::Qlora);
+        let mut j = job("mixtral-8x7b", Method::Qlora);
+        // peft's ParamWrapper on the fused experts refuses dropout.
+        assert!(estimate(&j)
+            .unwrap_err()
+            .to_string()
+            .contains("ParamWrapper"));
+        j.lora.as_mut().unwrap().dropout = 0.0;
         let e = estimate(&j).unwrap();
         assert_eq!(e.model.params_total, 46_702_792_704);
         let experts: u128 = 32 * 8 * 3 * 4096 * 14336 * 2;

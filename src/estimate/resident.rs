@@ -27,6 +27,8 @@ pub struct Resident {
     pub weights: u128,
     pub quant_constants: u128,
     pub adapters: u128,
+    /// Adapter elements, including adapters that get no gradient (a vision tower's).
+    pub adapter_params: u128,
     /// Trainable parameters (elements).
     pub trainable_params: u128,
     /// Bytes of one copy of the trainable parameters in their own dtype (= gradient bytes).
@@ -91,56 +93,165 @@ pub fn dense_param_bytes(job: &Job) -> u128 {
 /// Bytes per adapter element: fp32 unless the base itself is fp32 (also fp32).
 pub const ADAPTER_BYTES: u128 = 4;
 
-/// The projections LoRA adapts, each with the number of layers holding it: `nn.Linear`
-/// modules whose kind is targeted (peft never adapts the output layer), and fused expert
-/// parameters where peft's `target_parameters` reach them. Routers that are plain parameters
-/// are never adapted.
-pub fn lora_modules(job: &Job) -> Vec<(Proj, u128)> {
+/// One adapted weight: LoRA A and B, in how many layers, and whether it gets gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoraModule {
+    pub name: &'static str,
+    pub in_f: u128,
+    pub out_f: u128,
+    /// Elements of A and B per layer.
+    pub a_params: u128,
+    pub b_params: u128,
+    /// Layers (or modules) holding it.
+    pub count: u128,
+    /// peft `lora.ParamWrapper` on a fused parameter (refuses dropout).
+    pub param_wrapper: bool,
+    /// In the graph of a text-only step (a vision tower's adapters are not).
+    pub trains: bool,
+}
+
+impl LoraModule {
+    fn linear(name: &'static str, in_f: u128, out_f: u128, r: u128, count: u128) -> LoraModule {
+        LoraModule {
+            name,
+            in_f,
+            out_f,
+            a_params: r * in_f,
+            b_params: out_f * r,
+            count,
+            param_wrapper: false,
+            trains: true,
+        }
+    }
+}
+
+/// Whether peft puts a `lora.Linear` on a decoder projection: its kind is targeted and it is an
+/// `nn.Linear` (or subclass); in model types whose MoE names peft converts, gate/up/down_proj
+/// names go to the experts' `target_parameters` instead, so no Linear of those names keeps one.
+pub fn adapts_linear(job: &Job, p: &Proj) -> bool {
+    let Some(l) = &job.lora else {
+        return false;
+    };
+    if !matches!(job.method, Method::Lora | Method::Qlora) || !l.targets.contains(&p.kind) {
+        return false;
+    }
+    match p.module {
+        Module::Param => false,
+        Module::Linear | Module::LinearSubclass => {
+            !(job.model.recipe.peft_moe_conversion
+                && matches!(p.kind, LinearKind::Gate | LinearKind::Up | LinearKind::Down))
+        }
+    }
+}
+
+/// The fused expert parameters (and router weight) peft adapts through `target_parameters`
+/// in model types it converts: (gate_up rank multiplier, down, router).
+pub fn adapted_expert_params(job: &Job) -> (u128, bool, bool) {
+    let Some(l) = &job.lora else {
+        return (0, false, false);
+    };
+    if !job.model.recipe.peft_moe_conversion || job.quantize_experts {
+        return (0, false, false);
+    }
+    let t = |k| l.targets.contains(&k);
+    // Both halves named: `rank_pattern[".*\\.gate_up_proj"] = 2r`.
+    let gate_up = match (
+        t(LinearKind::Gate),
+        t(LinearKind::Up),
+        t(LinearKind::GateUp),
+    ) {
+        (true, true, _) => 2,
+        (true, false, _) | (false, true, _) | (_, _, true) => 1,
+        _ => 0,
+    };
+    (gate_up, t(LinearKind::Down), t(LinearKind::Router))
+}
+
+/// Every adapted weight of the model (peft 0.21 with transformers 5.17: `lora.Linear` on
+/// targeted `nn.Linear` modules except the output layer, vision towers included; `ParamWrapper`
+/// on fused experts and routers where peft converts MoE names). With `--quantize-experts` the
+/// experts are per-expert Linear4bit modules (transformers 4.x layout), each adapted like any
+/// Linear.
+pub fn lora_modules(job: &Job) -> Vec<LoraModule> {
     let Some(l) = &job.lora else {
         return Vec::new();
     };
-    let r = &job.model.recipe;
+    let r = l.rank;
+    let recipe = &job.model.recipe;
+    let (gate_up_mult, down, router) = adapted_expert_params(job);
     let mut out = Vec::new();
-    for (k, n) in r.kind_counts().into_iter().enumerate() {
+    for (k, n) in recipe.kind_counts().into_iter().enumerate() {
         if n == 0 {
             continue;
         }
-        for op in &r.kinds[k].ops {
+        for op in &recipe.kinds[k].ops {
             match &op.kind {
-                OpKind::Linear(p) if l.targets.contains(&p.kind) => out.push((*p, n)),
-                OpKind::Router(rt)
-                    if rt.proj.module == Module::Linear && l.targets.contains(&rt.proj.kind) =>
-                {
-                    out.push((rt.proj, n))
+                OpKind::Linear(p) if adapts_linear(job, p) => {
+                    out.push(LoraModule::linear(p.name, p.in_f, p.out_f, r, n))
                 }
-                OpKind::Experts(e) if e.lora_all_linear => {
-                    for (kind, name, inf, outf) in [
-                        (
-                            LinearKind::GateUp,
-                            "experts.gate_up_proj",
-                            e.hidden,
-                            2 * e.inter,
-                        ),
-                        (LinearKind::Down, "experts.down_proj", e.inter, e.hidden),
+                OpKind::Router(rt) if adapts_linear(job, &rt.proj) => out.push(LoraModule::linear(
+                    "router",
+                    rt.proj.in_f,
+                    rt.proj.out_f,
+                    r,
+                    n,
+                )),
+                OpKind::Router(rt) if router && rt.proj.module == Module::Param => {
+                    // A 2-D ParamWrapper: A [r, h], B [E, r].
+                    let mut m = LoraModule::linear("router", rt.proj.in_f, rt.proj.out_f, r, n);
+                    m.param_wrapper = true;
+                    out.push(m);
+                }
+                OpKind::Experts(e) => {
+                    let (h, i, ex) = (e.hidden, e.inter, e.experts);
+                    if job.quantize_experts {
+                        // One Linear per expert and projection (gate, up: h → i; down: i → h).
+                        for (kind, name, inf, outf) in [
+                            (LinearKind::Gate, "experts.gate_proj", h, i),
+                            (LinearKind::Up, "experts.up_proj", h, i),
+                            (LinearKind::Down, "experts.down_proj", i, h),
+                        ] {
+                            if l.targets.contains(&kind) {
+                                out.push(LoraModule::linear(name, inf, outf, r, n * ex));
+                            }
+                        }
+                        continue;
+                    }
+                    // ParamWrapper on a 3-D [E, d1, d2] parameter: A (in → r·E), B (r·E → out):
+                    // r_eff · E · (d1 + d2) elements.
+                    for (mult, name, d1, d2) in [
+                        (gate_up_mult, "experts.gate_up_proj", 2 * i, h),
+                        (u128::from(down), "experts.down_proj", h, i),
                     ] {
-                        if l.targets.contains(&kind) {
-                            // peft ParamWrapper: one A (E·r × in) and B (out × E·r) per
-                            // parameter, i.e. rank r per expert.
-                            out.push((
-                                Proj {
-                                    name,
-                                    kind,
-                                    in_f: inf * e.experts,
-                                    out_f: outf,
-                                    bias: false,
-                                    module: Module::Param,
-                                },
-                                n,
-                            ));
+                        if mult > 0 {
+                            let re = mult * r;
+                            out.push(LoraModule {
+                                name,
+                                in_f: d2,
+                                out_f: d1,
+                                a_params: re * ex * d2,
+                                b_params: re * ex * d1,
+                                count: n,
+                                param_wrapper: true,
+                                trains: true,
+                            });
                         }
                     }
                 }
                 _ => {}
+            }
+        }
+    }
+    let all_linear = l.targets == crate::method::all_linear();
+    for (p, n) in &recipe.vision {
+        if let ParamRole::VisionLinear(kind) = p.role {
+            // all-linear reaches the vision tower's nn.Linear layers too, and a target list
+            // reaches those of the same name; they never run on a text-only batch, so their
+            // adapters get no gradient (and no optimizer state).
+            if all_linear || kind.is_some_and(|k| l.targets.contains(&k)) {
+                let mut m = LoraModule::linear(p.name, p.cols, p.rows, r, *n);
+                m.trains = false;
+                out.push(m);
             }
         }
     }
@@ -154,8 +265,10 @@ fn quantized(job: &Job, p: &Param) -> bool {
         return false;
     }
     match p.role {
-        ParamRole::LinearWeight(_) => true,
-        ParamRole::ParamWeight(k) => job.quantize_experts && k != LinearKind::Router,
+        ParamRole::LinearWeight(_) | ParamRole::VisionLinear(_) => true,
+        ParamRole::ParamWeight(k) => {
+            job.quantize_experts && k != LinearKind::Router && p.copies > 1
+        }
         _ => false,
     }
 }
@@ -221,7 +334,8 @@ pub fn resident(job: &Job) -> Resident {
         Method::Full => {
             // Per-tensor sizes matter only for 8-bit optimizer blocks and Adafactor; list them.
             for (p, n) in &params {
-                if p.role == ParamRole::FrozenExtra {
+                // A vision tower is never in a text-only step's graph: no gradient, no state.
+                if matches!(p.role, ParamRole::VisionLinear(_) | ParamRole::VisionOther) {
                     continue;
                 }
                 let t = Tensor {
@@ -235,22 +349,43 @@ pub fn resident(job: &Job) -> Resident {
         }
         Method::Lora | Method::Qlora => {
             let rank = job.lora.as_ref().map_or(0, |l| l.rank);
-            for (p, n) in lora_modules(job) {
-                for _ in 0..n {
-                    trainable.push(Tensor::matrix(rank, p.in_f, ADAPTER_BYTES));
-                    trainable.push(Tensor::matrix(p.out_f, rank, ADAPTER_BYTES));
+            let mut all = 0;
+            for m in lora_modules(job) {
+                all += (m.a_params + m.b_params) * m.count;
+                if m.trains {
+                    for _ in 0..m.count {
+                        trainable.push(Tensor::matrix(
+                            rank,
+                            m.a_params / rank.max(1),
+                            ADAPTER_BYTES,
+                        ));
+                        trainable.push(Tensor::matrix(
+                            m.b_params / rank.max(1),
+                            rank,
+                            ADAPTER_BYTES,
+                        ));
+                    }
                 }
             }
-            r.adapters = trainable.iter().map(|t| t.numel * t.bytes).sum();
+            r.adapters = all * ADAPTER_BYTES;
+            r.adapter_params = all;
             r.explain.adapters = format!(
-                "rank {rank} × (in + out) per targeted module × {} layers = {} params × 4 B (Hu et al. 2021; peft LoraLayer keeps adapters in fp32: autocast_adapter_dtype)",
+                "rank {rank} × (in + out) per targeted module × {} layers = {all} params × 4 B (Hu et al. 2021; peft LoraLayer keeps adapters in fp32: autocast_adapter_dtype){}",
                 m.layers,
-                trainable.iter().map(|t| t.numel).sum::<u128>()
+                if m.moe.is_some() && adapted_expert_params(job) != (0, false, false) {
+                    "; peft's ParamWrapper adapts the fused experts (rank r per expert, 2r on gate_up_proj when gate and up are both named) and the router"
+                } else {
+                    ""
+                }
             );
         }
         Method::Inference => {}
     }
-    r.trainable_params = trainable.iter().map(|t| t.numel).sum();
+    r.trainable_params = trainable
+        .iter()
+        .map(|t| t.numel)
+        .sum::<u128>()
+        .max(r.adapter_params);
     r.trainable_bytes = trainable.iter().map(|t| t.numel * t.bytes).sum();
     r.explain.gradients = if job.method == Method::Inference {
         "none (no backward pass)".into()

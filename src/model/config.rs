@@ -95,9 +95,9 @@ impl HfConfig {
                     )
                 })?;
                 let vf = Fields::new(vision, origin, "vision_config.");
-                r.frozen_extra = match model_type.as_str() {
-                    "gemma3" => families::gemma3_vision_params(&vf, r.hidden)?,
-                    "llama4" => families::llama4_vision_params(&vf, r.hidden)?,
+                r.vision = match model_type.as_str() {
+                    "gemma3" => families::gemma3_vision(&vf, r.hidden)?,
+                    "llama4" => families::llama4_vision(&vf, r.hidden)?,
                     other => {
                         return Err(field_err(
                             &top,
@@ -111,8 +111,9 @@ impl HfConfig {
                     _ => "Llama4ForConditionalGeneration".into(),
                 };
                 r.notes.push(format!(
-                    "multimodal wrapper: the {} vision tower and projector ({} params) stay resident and frozen in 16 bit; the batch holds text tokens only",
-                    model_type, r.frozen_extra
+                    "multimodal wrapper: the {} vision tower and projector ({} params) stay resident and frozen (its nn.Linear layers quantized under QLoRA and adapted by all-linear, but never run: the batch holds text tokens only, so their adapters get no gradients or optimizer state)",
+                    model_type,
+                    r.vision_params()
                 ));
                 (text_type, r)
             }
