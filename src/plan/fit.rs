@@ -116,6 +116,8 @@ pub struct FitReport {
     pub model: String,
     pub gpu: String,
     pub gpu_bytes: Bytes,
+    /// The GPU's memory as written (`24.00 GB` for `--gpu 24GB`, GiB for presets).
+    pub gpu_memory: String,
     pub gpus: u128,
     pub seq: u128,
     pub plans: Vec<Plan>,
@@ -458,6 +460,7 @@ pub fn fit(req: &FitRequest) -> Result<FitReport, Error> {
         model: req.base.model.name.clone(),
         gpu: req.gpu.name.clone(),
         gpu_bytes: Bytes(have),
+        gpu_memory: req.gpu.memory_text(),
         gpus,
         seq: req.base.seq,
         plans,

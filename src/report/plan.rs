@@ -57,11 +57,11 @@ pub fn render_fit(r: &FitReport, format: Format) -> Result<String, Error> {
         Sheet {
             title: vec![
                 format!(
-                    "Plans for {} on {} × {} ({} GiB each), seq {}",
+                    "Plans for {} on {} × {} ({} each), seq {}",
                     r.model,
                     r.gpus,
                     r.gpu,
-                    gib(r.gpu_bytes),
+                    r.gpu_memory,
                     r.seq
                 ),
                 "Ranked by estimated tokens/s at each plan's max batch (ties: the larger max batch, then the smaller device memory); plans that do not fit at batch 1 follow, unranked.".into(),
