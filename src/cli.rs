@@ -181,14 +181,17 @@ pub struct ShardArgs {
     pub prefetch_bucket: Option<String>,
 }
 
+/// A bucket size in elements: at least 1, at most 10^15 (a bucket larger than any model; the
+/// bound keeps the count from saturating).
 fn positive_count(flag: &str, text: &str) -> Result<u128> {
     let v = text
         .parse::<f64>()
         .ok()
         .filter(|v| v.is_finite() && *v >= 1.0)
         .or_else(|| parse_count(text).filter(|v| *v >= 1.0))
+        .filter(|v| *v <= 1e15)
         .with_context(|| {
-            format!("{flag} '{text}': expected a positive count such as 5e8 or 50M")
+            format!("{flag} '{text}': expected a positive count such as 5e8 or 50M, at most 1e15")
         })?;
     Ok(v.round() as u128)
 }
