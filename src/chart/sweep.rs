@@ -61,7 +61,13 @@ pub struct SweepChart {
     pub xs: Vec<u128>,
     pub lines: Vec<Line>,
     pub gpus: Vec<Gpu>,
+    /// Width of the plot itself in pixels (the report draws a narrower one, so its text stays
+    /// legible on the page).
+    pub plot_width: u32,
 }
+
+/// Default width of a sweep's plot, pixels.
+pub const PLOT_WIDTH: u32 = 1000;
 
 /// Builds a sweep: `jobs` (one per model × method) against `seqs` or `batches`, whichever has
 /// several values (sequence length when both do; then one line per batch size).
@@ -156,6 +162,7 @@ pub fn sweep(
         xs: xs.to_vec(),
         lines,
         gpus: gpus.to_vec(),
+        plot_width: PLOT_WIDTH,
     })
 }
 
@@ -378,7 +385,10 @@ impl SweepChart {
 impl Chart for SweepChart {
     fn size(&self) -> (u32, u32) {
         let legend_h = 90 + 30 * self.legend_rows() as u32;
-        (1000 + CAPACITY_STRIP + LEGEND_W, legend_h.max(620) + 64)
+        (
+            self.plot_width + CAPACITY_STRIP + LEGEND_W,
+            legend_h.max(620) + 64,
+        )
     }
 
     fn title(&self) -> String {

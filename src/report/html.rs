@@ -93,12 +93,14 @@ pub fn review(job: &Job, gpus: &[Gpu]) -> Result<String, Error> {
     check_value("--seq", job.seq)?;
     let bars: BreakdownChart = breakdown(std::slice::from_ref(job), gpus)?;
     let est = &bars.bars[0].estimate;
-    let sweep_chart = sweep(
+    let mut sweep_chart = sweep(
         std::slice::from_ref(job),
         &review_seqs(job.seq),
         &[job.batch],
         gpus,
     )?;
+    // A narrower plot, so the chart's text is near its drawn size on a 1,100 px page.
+    sweep_chart.plot_width = 560;
     let title = format!(
         "Capacity review: {} {} fine-tuning, batch {} × {} tokens, checkpointing {}",
         est.model.name,
