@@ -9,9 +9,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use memplan::estimate::sharding::{
     Engine, FsdpStrategy, Offload, Sharding, DEFAULT_PREFETCH_BUCKET, DEFAULT_REDUCE_BUCKET,
 };
+use memplan::hub::CheckpointQuant;
+use memplan::jobfile::JobFile;
 use memplan::method::parse_targets;
 use memplan::units::parse_count;
-use memplan::{resolve_model, Attention, Job, Method, Optimizer, Precision};
+use memplan::{resolve_model, Attention, Job, Loss, Method, Optimizer};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -125,33 +127,69 @@ pub struct FormatArgs {
 /// The flags that describe one job; shared by every command that estimates.
 #[derive(Debug, Clone, Args)]
 pub struct JobArgs {
-    /// Preset name (llama-3.1-8b, mistral-7b, …), bare size (7B, 70B, 1.5B), or a path to a
-    /// Hugging Face config.json (file or model folder).
+    /// Preset name (llama-3.1-8b, mistral-7b, …), bare size (7B, 70B, 1.5B), a path to a
+    /// Hugging Face config.json (file or model folder), or a Hub id (org/name) in the local
+    /// Hugging Face cache [required unless --from names the model].
     #[arg(long)]
-    pub model: String,
-    /// full, lora or qlora (`estimate` also takes inference: one prefill with a KV cache).
-    #[arg(long, default_value = "full")]
-    pub method: String,
-    /// Micro-batch size.
-    #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = positive_int)]
-    pub batch: u64,
-    /// Sequence length in tokens (4k = 4096).
-    #[arg(long, default_value_t = 2048, allow_negative_numbers = true, value_parser = seq_len)]
-    pub seq: u64,
+    pub model: Option<String>,
+    /// full, lora or qlora (`estimate` also takes inference: one prefill with a KV cache)
+    /// [default: full, or the --from file's].
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Micro-batch size [default: 1, or the --from file's].
+    #[arg(long, allow_negative_numbers = true, value_parser = positive_int)]
+    pub batch: Option<u64>,
+    /// Sequence length in tokens, 4k = 4096 [default: 2048, or the --from file's].
+    #[arg(long, allow_negative_numbers = true, value_parser = seq_len)]
+    pub seq: Option<u64>,
     #[command(flatten)]
     pub settings: JobSettings,
+}
+
+/// A job and, when it came from `--from`, where each setting came from.
+pub struct ResolvedJob {
+    pub job: Job,
+    pub from: Option<JobFile>,
+    /// The model folder's safetensors headers, when it has any.
+    pub checkpoint: Option<memplan::hub::Checkpoint>,
 }
 
 impl JobArgs {
     /// Parses and validates into a [`Job`].
     pub fn job(&self) -> Result<Job> {
-        let (model, _) = resolve_model(&self.model)?;
-        self.job_for(model)
+        Ok(self.resolve()?.job)
     }
 
-    /// The job for an already-resolved model (commands that vary `--model`).
-    pub fn job_for(&self, model: memplan::ModelShape) -> Result<Job> {
-        self.settings.job(model, &self.method, self.batch, self.seq)
+    /// The job with the provenance of a `--from` file.
+    pub fn resolve(&self) -> Result<ResolvedJob> {
+        let file = self.settings.file()?;
+        let model = model_arg(self.model.as_deref(), file.as_ref())?;
+        let (shape, _) = resolve_model(&model)?;
+        self.settings.resolve(
+            shape,
+            &model,
+            file,
+            self.method.as_deref(),
+            self.batch,
+            self.seq,
+        )
+    }
+}
+
+/// `--model`, or the model the `--from` file names.
+fn model_arg(flag: Option<&str>, file: Option<&JobFile>) -> Result<String> {
+    match (flag, file.and_then(|f| f.settings.model.as_deref())) {
+        (Some(m), _) => Ok(m.to_string()),
+        (None, Some(m)) => Ok(m.to_string()),
+        (None, None) => match file {
+            Some(f) => anyhow::bail!(
+                "{} names no model: add --model (a preset, a config.json or a cached org/name)",
+                f.path.display()
+            ),
+            None => anyhow::bail!(
+                "--model is required (a preset, a size such as 8B, a config.json, or a cached org/name), or --from FILE naming one"
+            ),
+        },
     }
 }
 
@@ -303,9 +341,15 @@ pub enum ChartKind {
 }
 
 /// The estimate flags other than model, method, batch and sequence length (which the chart
-/// commands take as lists); flattened into [`JobArgs`] too.
+/// commands take as lists); flattened into [`JobArgs`] too. Each is optional so that a
+/// `--from` file's value stands unless the flag is given.
 #[derive(Debug, Clone, Args)]
 pub struct JobSettings {
+    /// A training config to read the job from: axolotl YAML, LLaMA-Factory YAML (classic or v1),
+    /// TRL SFTConfig / transformers TrainingArguments (YAML or JSON), or a torchtune recipe.
+    /// Flags given beside it override the file.
+    #[arg(long, value_name = "FILE")]
+    pub from: Option<PathBuf>,
     /// Storage of the base weights: fp32, fp16, bf16, int8, nf4 [default: bf16, nf4 for qlora].
     #[arg(long)]
     pub weights: Option<String>,
@@ -313,15 +357,16 @@ pub struct JobSettings {
     /// int8/nf4].
     #[arg(long)]
     pub compute: Option<String>,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 16, allow_negative_numbers = true, value_parser = positive_int)]
-    pub rank: u64,
-    /// all-linear, attention, mlp, or a comma list of module names (q_proj,v_proj,…).
-    #[arg(long, default_value = "all-linear")]
-    pub lora_targets: String,
-    /// LoRA dropout probability.
-    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
-    pub lora_dropout: f64,
+    /// LoRA rank [default: 16].
+    #[arg(long, allow_negative_numbers = true, value_parser = positive_int)]
+    pub rank: Option<u64>,
+    /// all-linear, attention, mlp, or a comma list of module names (q_proj,v_proj,…)
+    /// [default: all-linear].
+    #[arg(long)]
+    pub lora_targets: Option<String>,
+    /// LoRA dropout probability [default: 0.05].
+    #[arg(long, allow_negative_numbers = true)]
+    pub lora_dropout: Option<f64>,
     /// QLoRA double quantization of the absmax constants (default on).
     #[arg(long, overrides_with = "no_double_quant")]
     pub double_quant: bool,
@@ -329,14 +374,15 @@ pub struct JobSettings {
     #[arg(long)]
     pub no_double_quant: bool,
     /// adamw, adamw-fused, adamw-8bit, paged-adamw, paged-adamw-8bit, sgd, sgd-momentum,
-    /// adafactor.
-    #[arg(long, default_value = "adamw")]
-    pub optimizer: String,
+    /// adafactor [default: adamw].
+    #[arg(long)]
+    pub optimizer: Option<String>,
     /// Activation checkpointing per decoder layer: on by default for training, as TRL's SFT,
     /// LLaMA-Factory and Unsloth default and as the QLoRA paper trained.
     #[arg(long, overrides_with = "no_grad_checkpointing")]
     pub grad_checkpointing: bool,
-    /// Keep every layer's activations (transformers' Trainer default, gradient_checkpointing=False).
+    /// Keep every layer's activations (transformers' Trainer default, gradient_checkpointing=False),
+    /// also over a --from file that turns checkpointing on.
     #[arg(long)]
     pub no_grad_checkpointing: bool,
     /// sdpa, eager or flash [default: sdpa; eager for models transformers runs eager-only].
@@ -345,6 +391,23 @@ pub struct JobSettings {
     /// QLoRA with peft's prepare_model_for_kbit_training (fp32 non-quantized parameters).
     #[arg(long)]
     pub kbit_prep: bool,
+    /// How the loss is computed: ce (transformers, full logits), chunked-nll (TRL's SFT
+    /// default), liger (fused linear cross-entropy) or cce (Cut Cross-Entropy) [default: ce].
+    #[arg(long)]
+    pub loss: Option<String>,
+    /// Fraction of tokens with a label (completion-only losses) [default: 1].
+    #[arg(long)]
+    pub supervised_fraction: Option<f64>,
+    /// Packed, padding-free batches (needs --attention flash).
+    #[arg(long)]
+    pub packing: bool,
+    /// Keep saved activations (with checkpointing: the checkpointed layer inputs) in host RAM
+    /// between forward and backward.
+    #[arg(long)]
+    pub activation_offload: bool,
+    /// Liger's RMSNorm, SwiGLU and RoPE kernels in the decoder layers.
+    #[arg(long)]
+    pub liger_kernels: bool,
     /// MoE under QLoRA: quantize the fused experts one expert at a time (as transformers 4.x and
     /// some trainers do); by default transformers 5 + bitsandbytes keep them in 16 bit.
     #[arg(long)]
@@ -356,65 +419,306 @@ pub struct JobSettings {
 }
 
 impl JobSettings {
-    /// Parses and validates into a [`Job`] for one model, method, batch and sequence length.
-    pub fn job(
-        &self,
-        model: memplan::ModelShape,
-        method: &str,
-        batch: u64,
-        seq: u64,
-    ) -> Result<Job> {
-        let method: Method = method.parse()?;
-        let mut job = Job::new(model, method);
-        if let Some(w) = &self.weights {
-            job.weights = w.parse().context("--weights")?;
-        }
-        job.compute = match &self.compute {
-            Some(c) => c.parse().context("--compute")?,
-            None if job.weights.is_float() => job.weights,
-            None => Precision::Bf16,
-        };
-        if let Some(l) = job.lora.as_mut() {
-            l.rank = self.rank.into();
-            l.targets = parse_targets(&self.lora_targets)?;
-            l.dropout = self.lora_dropout;
-        }
-        job.double_quant = !self.no_double_quant;
-        job.optimizer = self.optimizer.parse::<Optimizer>()?;
-        job.batch = batch.into();
-        job.seq = seq.into();
-        job.grad_checkpointing = self.checkpointing(job.method);
-        if let Some(a) = &self.attention {
-            job.attention = a.parse::<Attention>()?;
-        }
-        job.kbit_prep = self.kbit_prep;
-        job.quantize_experts = self.quantize_experts;
-        if let Some(c) = &self.alloc_conf {
-            job.alloc_conf = c.parse()?;
-        }
-        job.validate()?;
-        Ok(job)
+    /// The `--from` file, parsed.
+    pub fn file(&self) -> Result<Option<JobFile>> {
+        self.from
+            .as_deref()
+            .map(|p| memplan::jobfile::load(p).context("--from"))
+            .transpose()
     }
 
-    /// Whether `method` runs with gradient checkpointing: on for training unless
-    /// `--no-grad-checkpointing` (an inference prefill has no backward to checkpoint for).
-    pub fn checkpointing(&self, method: Method) -> bool {
-        method != Method::Inference && !self.no_grad_checkpointing
+    /// The job: built-in defaults, then the file (and the checkpoint's `quantization_config`),
+    /// then the flags given. `model_arg` is what names the model (to find its config.json).
+    pub fn resolve(
+        &self,
+        model: memplan::ModelShape,
+        model_arg: &str,
+        mut file: Option<JobFile>,
+        method: Option<&str>,
+        batch: Option<u64>,
+        seq: Option<u64>,
+    ) -> Result<ResolvedJob> {
+        use memplan::jobfile::{Provenance, Source};
+        let fs = file
+            .as_ref()
+            .map(|f| f.settings.clone())
+            .unwrap_or_default();
+        let quant = memplan::hub::config_json_for(model_arg)
+            .map(|p| memplan::hub::checkpoint_quant(&p))
+            .transpose()?
+            .flatten();
+        let mut notes: Vec<Provenance> = Vec::new();
+        let mut flag = |setting: &'static str, value: String, flag: String| {
+            notes.push(Provenance {
+                setting,
+                value,
+                source: Source::Flag(flag),
+            })
+        };
+        let method_flag: Option<Method> = method.map(str::parse).transpose()?;
+        let method = match (method_flag, fs.method, &quant) {
+            (Some(m), _, _) => m,
+            (None, Some(m), _) => m,
+            (None, None, Some(CheckpointQuant::Bnb4bit { .. })) => Method::Qlora,
+            (None, None, Some(CheckpointQuant::Bnb8bit)) => Method::Lora,
+            (None, None, _) => Method::Full,
+        };
+        if let Some(m) = method_flag {
+            flag("method", m.to_string(), format!("--method {m}"));
+        }
+        let mut job = Job::new(model, method);
+        // Checkpointing on for training unless the file or a flag says otherwise (see
+        // `--grad-checkpointing`); an inference prefill has no backward to checkpoint for.
+        job.grad_checkpointing = method != Method::Inference;
+        let mut file_settings = fs.clone();
+        if method_flag.is_some_and(|m| Some(m) != fs.method) {
+            // The file's precisions belong to its own method.
+            file_settings.weights = None;
+        }
+        memplan::jobfile::apply(&mut job, &file_settings)?;
+        match &quant {
+            None => {}
+            Some(CheckpointQuant::Bnb4bit {
+                double_quant,
+                compute,
+            }) => {
+                if method != Method::Qlora {
+                    anyhow::bail!("{model_arg} is stored pre-quantized in bitsandbytes 4-bit (config.json quantization_config): it trains only as QLoRA (--method qlora), not {method}");
+                }
+                job.double_quant = *double_quant;
+                if let Some(c) = compute {
+                    job.compute = *c;
+                }
+            }
+            Some(CheckpointQuant::Bnb8bit) => {
+                if method != Method::Lora {
+                    anyhow::bail!("{model_arg} is stored pre-quantized in bitsandbytes 8-bit (config.json quantization_config): it trains only as LoRA on the int8 base (--method lora), not {method}");
+                }
+                job.weights = memplan::Precision::Int8;
+            }
+            Some(CheckpointQuant::DequantizedBf16 { quant_method }) => {
+                if method == Method::Qlora {
+                    // transformers' AutoHfQuantizer.merge_quantization_configs keeps a
+                    // pre-quantized checkpoint's own config over one passed at load.
+                    anyhow::bail!("{model_arg} is stored in {quant_method} (config.json quantization_config): transformers keeps that config over a BitsAndBytesConfig passed at load, so QLoRA needs a bf16 copy of the checkpoint first; use --method lora (trained dequantized to bf16) or a bf16 checkpoint");
+                }
+                job.weights = memplan::Precision::Bf16;
+            }
+        }
+        if let Some(w) = &self.weights {
+            job.weights = w.parse().context("--weights")?;
+            flag("weights", job.weights.to_string(), format!("--weights {w}"));
+        }
+        job.compute = match &self.compute {
+            Some(c) => {
+                let c: memplan::Precision = c.parse().context("--compute")?;
+                flag("compute", c.to_string(), format!("--compute {c}"));
+                c
+            }
+            None if self.weights.is_none()
+                && (fs.compute.is_some()
+                    || matches!(
+                        &quant,
+                        Some(CheckpointQuant::Bnb4bit {
+                            compute: Some(_),
+                            ..
+                        })
+                    )) =>
+            {
+                job.compute
+            }
+            None if job.weights.is_float() => job.weights,
+            None => memplan::Precision::Bf16,
+        };
+        if let Some(l) = job.lora.as_mut() {
+            if let Some(r) = self.rank {
+                l.rank = r.into();
+                flag("rank", r.to_string(), format!("--rank {r}"));
+            }
+            if let Some(t) = &self.lora_targets {
+                l.targets = parse_targets(t)?;
+                flag("lora_targets", t.clone(), format!("--lora-targets {t}"));
+            }
+            if let Some(d) = self.lora_dropout {
+                l.dropout = d;
+                flag("lora_dropout", d.to_string(), format!("--lora-dropout {d}"));
+            }
+        }
+        if self.no_double_quant {
+            job.double_quant = false;
+            flag("double_quant", "false".into(), "--no-double-quant".into());
+        } else if self.double_quant {
+            job.double_quant = true;
+            flag("double_quant", "true".into(), "--double-quant".into());
+        }
+        if let Some(o) = &self.optimizer {
+            job.optimizer = o.parse::<Optimizer>()?;
+            flag(
+                "optimizer",
+                job.optimizer.to_string(),
+                format!("--optimizer {o}"),
+            );
+        }
+        if let Some(b) = batch {
+            job.batch = b.into();
+            flag("batch", b.to_string(), format!("--batch {b}"));
+        }
+        if let Some(s) = seq {
+            job.seq = s.into();
+            flag("seq", s.to_string(), format!("--seq {s}"));
+        }
+        if self.grad_checkpointing {
+            job.grad_checkpointing = true;
+            flag(
+                "grad_checkpointing",
+                "true".into(),
+                "--grad-checkpointing".into(),
+            );
+        } else if self.no_grad_checkpointing {
+            job.grad_checkpointing = false;
+            flag(
+                "grad_checkpointing",
+                "false".into(),
+                "--no-grad-checkpointing".into(),
+            );
+        }
+        if let Some(a) = &self.attention {
+            job.attention = a.parse::<Attention>()?;
+            flag(
+                "attention",
+                job.attention.to_string(),
+                format!("--attention {a}"),
+            );
+        }
+        if self.kbit_prep {
+            job.kbit_prep = true;
+            flag("kbit_prep", "true".into(), "--kbit-prep".into());
+        }
+        if let Some(l) = &self.loss {
+            job.loss = l.parse::<Loss>()?;
+            flag("loss", job.loss.to_string(), format!("--loss {l}"));
+        }
+        if let Some(f) = self.supervised_fraction {
+            job.supervised_fraction = f;
+            flag(
+                "supervised_fraction",
+                f.to_string(),
+                format!("--supervised-fraction {f}"),
+            );
+        }
+        for (on, setting, name, slot) in [
+            (self.packing, "packing", "--packing", &mut job.packing),
+            (
+                self.activation_offload,
+                "activation_offload",
+                "--activation-offload",
+                &mut job.activation_offload,
+            ),
+            (
+                self.liger_kernels,
+                "liger_kernels",
+                "--liger-kernels",
+                &mut job.liger_kernels,
+            ),
+        ] {
+            if on {
+                *slot = true;
+                flag(setting, "true".into(), name.into());
+            }
+        }
+        if self.quantize_experts {
+            job.quantize_experts = true;
+            flag(
+                "quantize_experts",
+                "true".into(),
+                "--quantize-experts".into(),
+            );
+        }
+        if let Some(c) = &self.alloc_conf {
+            job.alloc_conf = c.parse()?;
+            flag("alloc_conf", c.clone(), format!("--alloc-conf {c}"));
+        }
+        job.validate()?;
+        if let Some(f) = file.as_mut() {
+            // A flag replaces the file's row for the same setting.
+            for n in notes {
+                match f.provenance.iter_mut().find(|p| p.setting == n.setting) {
+                    Some(row) => *row = n,
+                    None => f.provenance.push(n),
+                }
+            }
+            if let Some(q) = &quant {
+                f.provenance.push(Provenance {
+                    setting: "quantization_config",
+                    value: match q {
+                        CheckpointQuant::Bnb4bit { .. } => {
+                            "bitsandbytes 4-bit (QLoRA on the stored base)".into()
+                        }
+                        CheckpointQuant::Bnb8bit => {
+                            "bitsandbytes 8-bit (LoRA on the int8 base)".into()
+                        }
+                        CheckpointQuant::DequantizedBf16 { quant_method } => {
+                            format!("{quant_method}: not trainable quantized; dequantized to bf16")
+                        }
+                    },
+                    source: Source::ModelConfig(model_arg.to_string()),
+                });
+            }
+        }
+        let checkpoint = match memplan::hub::config_json_for(model_arg)
+            .as_deref()
+            .and_then(std::path::Path::parent)
+        {
+            Some(dir) if dir.is_dir() => memplan::hub::Checkpoint::read(
+                dir,
+                job.model.param_counts().total,
+                quant.is_some(),
+            )?,
+            _ => None,
+        };
+        Ok(ResolvedJob {
+            job,
+            from: file,
+            checkpoint,
+        })
     }
 
     /// One job per model × method (models outer), batch and sequence length as given.
-    fn jobs(&self, models: &str, methods: &str, batch: u64, seq: u64) -> Result<Vec<Job>> {
-        memplan::chart::values::check_value("--batch", batch.into())?;
-        memplan::chart::values::check_value("--seq", seq.into())?;
-        let methods = list("--method", methods)?;
+    fn jobs(
+        &self,
+        models: Option<&str>,
+        methods: Option<&str>,
+        batch: Option<u64>,
+        seq: Option<u64>,
+    ) -> Result<Vec<Job>> {
+        let file = self.file()?;
+        let file_model = file.as_ref().and_then(|f| f.settings.model.clone());
+        let models = match (models, &file_model) {
+            (Some(m), _) => m.to_string(),
+            (None, Some(m)) => m.clone(),
+            (None, None) => model_arg(None, file.as_ref())?,
+        };
+        let methods: Vec<Option<&str>> = match methods {
+            Some(m) => list("--method", m)?.into_iter().map(Some).collect(),
+            None if file.is_some() => vec![None],
+            None => vec![Some("full")],
+        };
         let mut jobs = Vec::new();
-        for m in list("--model", models)? {
+        for m in list("--model", &models)? {
             let (model, _) = resolve_model(m)?;
             for method in &methods {
-                jobs.push(
-                    self.job(model.clone(), method, batch, seq)
-                        .with_context(|| format!("--model {m} --method {method}"))?,
-                );
+                let job = self
+                    .resolve(model.clone(), m, file.clone(), *method, batch, seq)
+                    .with_context(|| {
+                        format!(
+                            "--model {m} --method {}",
+                            method.unwrap_or("(from the file)")
+                        )
+                    })?
+                    .job;
+                memplan::chart::values::check_value("--batch", job.batch)?;
+                memplan::chart::values::check_value("--seq", job.seq)?;
+                jobs.push(job);
             }
         }
         Ok(jobs)
@@ -443,18 +747,20 @@ pub fn gpus(arg: Option<&str>) -> Result<Vec<memplan::gpu::Gpu>> {
 
 #[derive(Debug, Args)]
 pub struct BreakdownArgs {
-    /// Models, comma-separated (presets, sizes such as 8B, or config.json paths).
+    /// Models, comma-separated (presets, sizes such as 8B, config.json paths or cached org/name)
+    /// [required unless --from names the model].
     #[arg(long)]
-    pub model: String,
-    /// Methods, comma-separated: full, lora, qlora, inference.
-    #[arg(long, default_value = "full")]
-    pub method: String,
-    /// Micro-batch size.
-    #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = positive_int)]
-    pub batch: u64,
-    /// Sequence length in tokens (4k = 4096).
-    #[arg(long, default_value_t = 2048, allow_negative_numbers = true, value_parser = seq_len)]
-    pub seq: u64,
+    pub model: Option<String>,
+    /// Methods, comma-separated: full, lora, qlora, inference [default: full, or the --from
+    /// file's].
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Micro-batch size [default: 1, or the --from file's].
+    #[arg(long, allow_negative_numbers = true, value_parser = positive_int)]
+    pub batch: Option<u64>,
+    /// Sequence length in tokens, 4k = 4096 [default: 2048, or the --from file's].
+    #[arg(long, allow_negative_numbers = true, value_parser = seq_len)]
+    pub seq: Option<u64>,
     #[command(flatten)]
     pub settings: JobSettings,
     /// GPUs whose capacity is drawn, comma-separated (presets or sizes such as 24GB).
@@ -467,26 +773,34 @@ pub struct BreakdownArgs {
 
 impl BreakdownArgs {
     pub fn jobs(&self) -> Result<Vec<Job>> {
-        self.settings
-            .jobs(&self.model, &self.method, self.batch, self.seq)
+        self.settings.jobs(
+            self.model.as_deref(),
+            self.method.as_deref(),
+            self.batch,
+            self.seq,
+        )
     }
 }
 
 #[derive(Debug, Args)]
 pub struct SweepArgs {
-    /// Models, comma-separated (presets, sizes such as 8B, or config.json paths).
+    /// Models, comma-separated (presets, sizes such as 8B, config.json paths or cached org/name)
+    /// [required unless --from names the model].
     #[arg(long)]
-    pub model: String,
-    /// Methods, comma-separated: full, lora, qlora, inference.
-    #[arg(long, default_value = "full")]
-    pub method: String,
+    pub model: Option<String>,
+    /// Methods, comma-separated: full, lora, qlora, inference [default: full, or the --from
+    /// file's].
+    #[arg(long)]
+    pub method: Option<String>,
     /// Sequence lengths: 2048, a list (1024,2048), a doubling range (512..16384), a stepped
-    /// range (512..16384:512) or a geometric one (512..65536*4).
-    #[arg(long, default_value = "2048")]
-    pub seq: String,
-    /// Batch sizes, as --seq takes them (1..64 doubles: 1, 2, 4, …, 64).
-    #[arg(long, default_value = "1")]
-    pub batch: String,
+    /// range (512..16384:512) or a geometric one (512..65536*4) [default: 2048, or the --from
+    /// file's].
+    #[arg(long)]
+    pub seq: Option<String>,
+    /// Batch sizes, as --seq takes them (1..64 doubles: 1, 2, 4, …, 64) [default: 1, or the
+    /// --from file's].
+    #[arg(long)]
+    pub batch: Option<String>,
     #[command(flatten)]
     pub settings: JobSettings,
     /// GPUs whose capacity is drawn, comma-separated (presets or sizes such as 24GB).
@@ -506,18 +820,30 @@ pub struct SweepInput {
 
 impl SweepArgs {
     pub fn input(&self) -> Result<SweepInput> {
-        let seqs = memplan::chart::parse_values("--seq", &self.seq)?;
-        let batches = memplan::chart::parse_values("--batch", &self.batch)?;
+        let parse = |flag: &'static str, v: &Option<String>| {
+            v.as_deref()
+                .map(|t| memplan::chart::parse_values(flag, t))
+                .transpose()
+        };
+        let seqs = parse("--seq", &self.seq)?;
+        let batches = parse("--batch", &self.batch)?;
         // The jobs are built at the first point; the sweep sets the axis per point.
-        let first = |v: &[u128], flag: &str| {
-            u64::try_from(v[0]).with_context(|| format!("{flag} {} is too large", v[0]))
+        let first = |v: &Option<Vec<u128>>, flag: &str| -> Result<Option<u64>> {
+            v.as_ref()
+                .map(|v| {
+                    u64::try_from(v[0]).with_context(|| format!("{flag} {} is too large", v[0]))
+                })
+                .transpose()
         };
         let jobs = self.settings.jobs(
-            &self.model,
-            &self.method,
+            self.model.as_deref(),
+            self.method.as_deref(),
             first(&batches, "--batch")?,
             first(&seqs, "--seq")?,
         )?;
+        // Without --seq/--batch the axis is the (file's or default) value of the first job.
+        let seqs = seqs.unwrap_or_else(|| vec![jobs[0].seq]);
+        let batches = batches.unwrap_or_else(|| vec![jobs[0].batch]);
         Ok(SweepInput {
             jobs,
             seqs,
@@ -540,27 +866,34 @@ pub struct ReportArgs {
 
 #[derive(Debug, Args)]
 pub struct FitArgs {
-    /// Preset name, bare size (70B) or config.json path.
+    /// Preset name, bare size (70B), config.json path or cached org/name [required unless
+    /// --from names the model].
     #[arg(long)]
-    pub model: String,
+    pub model: Option<String>,
+    /// A training config (see `memplan estimate --help`): its model, sequence length, attention,
+    /// LoRA settings, loss and offload are kept; method, optimizer, batch and checkpointing are
+    /// what the search varies.
+    #[arg(long, value_name = "FILE")]
+    pub from: Option<PathBuf>,
     /// GPU preset or size (24GB).
     #[arg(long)]
     pub gpu: String,
-    /// Sequence length the micro-batch search runs at (4k = 4096).
-    #[arg(long, default_value_t = 2048, allow_negative_numbers = true, value_parser = seq_len)]
-    pub seq: u64,
+    /// Sequence length the micro-batch search runs at, 4k = 4096 [default: 2048, or the --from
+    /// file's].
+    #[arg(long, allow_negative_numbers = true, value_parser = seq_len)]
+    pub seq: Option<u64>,
     /// sdpa, eager or flash [default: sdpa; eager for models transformers runs eager-only].
     #[arg(long)]
     pub attention: Option<String>,
-    /// LoRA rank of the LoRA/QLoRA plans.
-    #[arg(long, default_value_t = 16, allow_negative_numbers = true, value_parser = positive_int)]
-    pub rank: u64,
-    /// LoRA target modules of the LoRA/QLoRA plans.
-    #[arg(long, default_value = "all-linear")]
-    pub lora_targets: String,
-    /// LoRA dropout of the LoRA/QLoRA plans.
-    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
-    pub lora_dropout: f64,
+    /// LoRA rank of the LoRA/QLoRA plans [default: 16].
+    #[arg(long, allow_negative_numbers = true, value_parser = positive_int)]
+    pub rank: Option<u64>,
+    /// LoRA target modules of the LoRA/QLoRA plans [default: all-linear].
+    #[arg(long)]
+    pub lora_targets: Option<String>,
+    /// LoRA dropout of the LoRA/QLoRA plans [default: 0.05].
+    #[arg(long, allow_negative_numbers = true)]
+    pub lora_dropout: Option<f64>,
     #[command(flatten)]
     pub shard: ShardArgs,
     /// Model FLOPs utilization for the throughput ranking.
@@ -577,14 +910,35 @@ pub struct FitArgs {
 impl FitArgs {
     /// The base job of the search (method, optimizer, batch and checkpointing vary).
     pub fn base(&self) -> Result<Job> {
-        let (model, _) = resolve_model(&self.model)?;
+        let file = self
+            .from
+            .as_deref()
+            .map(|p| memplan::jobfile::load(p).context("--from"))
+            .transpose()?;
+        let name = model_arg(self.model.as_deref(), file.as_ref())?;
+        let (model, _) = resolve_model(&name)?;
         let mut job = Job::new(model, Method::Lora);
-        if let Some(l) = job.lora.as_mut() {
-            l.rank = self.rank.into();
-            l.targets = parse_targets(&self.lora_targets)?;
-            l.dropout = self.lora_dropout;
+        if let Some(f) = &file {
+            // What the search does not vary comes from the file.
+            let mut s = f.settings.clone();
+            (s.method, s.optimizer, s.batch, s.grad_checkpointing) = (None, None, None, None);
+            (s.weights, s.kbit_prep) = (None, None);
+            memplan::jobfile::apply(&mut job, &s)?;
         }
-        job.seq = self.seq.into();
+        if let Some(l) = job.lora.as_mut() {
+            if let Some(r) = self.rank {
+                l.rank = r.into();
+            }
+            if let Some(t) = &self.lora_targets {
+                l.targets = parse_targets(t)?;
+            }
+            if let Some(d) = self.lora_dropout {
+                l.dropout = d;
+            }
+        }
+        if let Some(s) = self.seq {
+            job.seq = s.into();
+        }
         if let Some(a) = &self.attention {
             job.attention = a.parse::<Attention>()?;
         }

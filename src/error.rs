@@ -50,6 +50,18 @@ pub enum Error {
     #[error("{0}")]
     Unsupported(String),
 
+    /// A `--from` file that is not a training config memplan reads.
+    #[error("{path}: {problem}")]
+    JobFileFormat { path: PathBuf, problem: String },
+
+    /// A training-framework job file (`--from`) with a key memplan cannot use.
+    #[error("{path}: `{key}` {problem}")]
+    JobFile {
+        path: PathBuf,
+        key: String,
+        problem: String,
+    },
+
     #[error("invalid preset file {path}: {message}")]
     Preset { path: String, message: String },
 

@@ -59,7 +59,8 @@ fn main() {
 fn run(cli: Cli) -> Result<Outcome> {
     let text = match cli.command {
         Command::Estimate(a) => {
-            let mut job = a.job.job()?;
+            let resolved = a.job.resolve()?;
+            let mut job = resolved.job;
             job.sharding = a.shard.sharding()?;
             job.validate()?;
             match a.emit {
@@ -92,8 +93,15 @@ fn run(cli: Cli) -> Result<Outcome> {
                     Ok::<_, memplan::Error>(f)
                 })
                 .transpose()?;
-            let text =
-                report::render_estimate(&job, &est, fit.as_ref(), a.explain, a.format.into())?;
+            let text = report::render_estimate(
+                &job,
+                &est,
+                fit.as_ref(),
+                resolved.from.as_ref(),
+                resolved.checkpoint.as_ref(),
+                a.explain,
+                a.format.into(),
+            )?;
             return Ok(Outcome {
                 text,
                 does_not_fit: a.check && fit.is_some_and(|f| !f.fits),

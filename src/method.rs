@@ -70,6 +70,21 @@ pub struct LoraSettings {
     pub dropout: f64,
 }
 
+/// How the loss over the vocabulary is computed; decides the logits spike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Loss {
+    /// transformers `ForCausalLMLoss`: full b·s·V logits, fp32 upcast, log-softmax.
+    Ce,
+    /// TRL `loss_type="chunked_nll"` (the SFTTrainer default): supervised tokens only, 256 at a
+    /// time under checkpointing.
+    ChunkedNll,
+    /// Liger `LigerFusedLinearCrossEntropyLoss`: lm_head and loss fused, chunked over tokens.
+    Liger,
+    /// Apple Cut Cross-Entropy (`cut_cross_entropy.linear_cross_entropy`): logits never exist.
+    Cce,
+}
+
 /// The framework whose allocation behaviour is modelled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -95,6 +110,17 @@ pub struct Job {
     pub grad_checkpointing: bool,
     pub attention: Attention,
     pub kbit_prep: bool,
+    /// How the loss is computed (`--loss`).
+    pub loss: Loss,
+    /// Fraction of tokens that carry a label (completion-only / assistant-only losses).
+    pub supervised_fraction: f64,
+    /// Packed, padding-free batches (`--packing`): every micro-batch is b·s real tokens.
+    pub packing: bool,
+    /// Saved activations (or, with checkpointing, the checkpointed layer inputs) held in host RAM
+    /// between forward and backward (`--activation-offload`).
+    pub activation_offload: bool,
+    /// Liger's RMSNorm / SwiGLU / RoPE kernels in the decoder layers (`--liger-kernels`).
+    pub liger_kernels: bool,
     /// Quantize fused MoE experts one expert at a time (transformers 4.x, some trainers);
     /// transformers 5 + bitsandbytes leave them in 16 bit.
     pub quantize_experts: bool,
@@ -138,6 +164,11 @@ impl Job {
                 Attention::Sdpa
             },
             kbit_prep: false,
+            loss: Loss::Ce,
+            supervised_fraction: 1.0,
+            packing: false,
+            activation_offload: false,
+            liger_kernels: false,
             quantize_experts: false,
             runtime: Runtime::Pytorch,
             sharding: None,
@@ -258,6 +289,21 @@ impl Job {
                 ));
             }
         }
+        if !(self.supervised_fraction > 0.0 && self.supervised_fraction <= 1.0) {
+            return bad(format!(
+                "--supervised-fraction {} must be in (0, 1]",
+                self.supervised_fraction
+            ));
+        }
+        if self.packing && self.attention != Attention::Flash && self.method != Method::Inference {
+            // TRL sft_config.py (1.10.0.dev0) `padding_free`: "only supported with FlashAttention
+            // 2 or 3"; transformers' sdpa/eager paths then build a packed-sequence mask over the
+            // whole flattened row (masking_utils), which memplan does not model.
+            return bad(format!(
+                "--packing flattens the batch into one padding-free row, which only flash attention runs without a (b·s)² mask; use --attention flash (not {})",
+                self.attention
+            ));
+        }
         if let Some(why) = &self.model.recipe.eager_only {
             if self.attention != Attention::Eager {
                 return bad(format!(
@@ -372,6 +418,9 @@ keyword_enum!(Optimizer, "--optimizer",
     "adamw-8bit" => Optimizer::Adamw8bit, "paged-adamw" => Optimizer::PagedAdamw,
     "paged-adamw-8bit" => Optimizer::PagedAdamw8bit, "sgd" => Optimizer::Sgd,
     "sgd-momentum" => Optimizer::SgdMomentum, "adafactor" => Optimizer::Adafactor,
+});
+keyword_enum!(Loss, "--loss", "ce, chunked-nll, liger or cce", {
+    "ce" => Loss::Ce, "chunked-nll" => Loss::ChunkedNll, "liger" => Loss::Liger, "cce" => Loss::Cce,
 });
 keyword_enum!(Attention, "--attention", "sdpa, eager or flash", {
     "sdpa" => Attention::Sdpa, "eager" => Attention::Eager, "flash" => Attention::Flash,

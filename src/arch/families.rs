@@ -787,6 +787,7 @@ fn llama4_text(f: &Fields) -> Result<Recipe, Error> {
     let dense_inter = f.or("intermediate_size_mlp", d.inter)?;
     let nope = f.index_list("no_rope_layers")?;
     let qk = f.flag("use_qk_norm", true)?;
+    let chunk = f.opt("attention_chunk_size")?;
     let mut b = Builder::new();
     for i in 0..d.layers {
         let sparse = (i + 1) % step == 0;
@@ -808,7 +809,9 @@ fn llama4_text(f: &Fields) -> Result<Recipe, Error> {
             } else {
                 QkNorm::None
             },
-            attn: attn(&d, None),
+            // RoPE layers attend in chunks of `attention_chunk_size` (a materialised chunked
+            // mask once the sequence reaches it, like a window).
+            attn: attn(&d, if rope_layer { chunk } else { None }),
             o_bias: f.flag("attention_bias", false)?,
             mlp: if sparse {
                 Mlp::Moe {

@@ -405,6 +405,34 @@ impl Recipe {
         out
     }
 
+    /// Every parameter tensor in the order the model is built (module order): the embedding,
+    /// each layer's parameters, the final norm, lm_head, a vision tower.
+    pub fn build_order(&self) -> Vec<Param> {
+        let all = self.params();
+        let layer_kinds: Vec<Vec<Param>> = (0..self.kinds.len())
+            .map(|k| {
+                let mut ps = self.layer_params(k);
+                ps.retain(|p| p.numel() > 0);
+                ps
+            })
+            .collect();
+        let in_layers: usize = self
+            .kind_counts()
+            .iter()
+            .zip(&layer_kinds)
+            .filter(|(n, _)| **n > 0)
+            .map(|(_, ps)| ps.len())
+            .sum();
+        let mut out = vec![all[0].0];
+        for &k in &self.layer_kind {
+            out.extend(layer_kinds[k].iter().copied());
+        }
+        for (p, n) in all.iter().skip(1 + in_layers) {
+            out.extend(std::iter::repeat(*p).take(*n as usize));
+        }
+        out
+    }
+
     pub fn param_total(&self) -> u128 {
         self.params().iter().map(|(p, n)| p.numel() * n).sum()
     }

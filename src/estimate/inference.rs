@@ -69,7 +69,7 @@ pub(super) fn walk(job: &Job, t: &mut Timeline) -> StepExplain {
         logits: format!("last position only: batch × vocab × ({c} + 4) B = {logits} B"),
         temporaries: "op intermediates (fp32 norm copies, RoPE, dequantized weights, eager scores)"
             .into(),
-        largest_block: logits,
+        host_bytes: 0,
         kv_cache: format!(
             "DynamicCache: a copy of every layer's k and v for all {tokens} tokens ({kv_total} B; GQA keeps the kv heads only)"
         ),
@@ -141,9 +141,12 @@ fn layer(
                         };
                         job.batch * a.heads * job.seq * job.seq * per_score + repeated
                     }
-                    _ if sdpa_masked(job, a) || a.qk_head_dim > 256 => {
-                        tokens * (2 * q + 4 * a.heads) * c
+                    // A masked call: k and v repeated to every head (no `enable_gqa` with a
+                    // mask) and the boolean mask converted to a 16-bit additive bias.
+                    _ if sdpa_masked(job, a) => {
+                        tokens * (2 * q + 4 * a.heads) * c + job.batch * job.seq * job.seq * c
                     }
+                    _ if a.qk_head_dim > 256 => tokens * (2 * q + 4 * a.heads) * c,
                     _ => tokens * 4 * a.heads,
                 };
                 rope.max(kernel)

@@ -18,6 +18,7 @@
 
 use crate::arch::{Module, OpKind, Param, ParamRole, Proj};
 use crate::dtype::Precision;
+use crate::estimate::Category;
 use crate::method::{Job, Method, Optimizer};
 use crate::model::LinearKind;
 
@@ -40,6 +41,13 @@ pub struct Resident {
     /// Transient bytes of one optimizer step (foreach AdamW's sqrt buffer, Adafactor's fp32
     /// copies).
     pub optimizer_step_temp: u128,
+    /// The resident tensors in the order the model is built: each weight (quantized ones as
+    /// packed data and constants), then the adapters.
+    pub load_tensors: Vec<(crate::estimate::Category, u128)>,
+    /// Optimizer state on the device, tensor by tensor (created at the first step).
+    pub state_tensors: Vec<u128>,
+    /// The optimizer step's temporaries, tensor by tensor (alive together).
+    pub step_temp_tensors: Vec<u128>,
     pub explain: ResidentExplain,
 }
 
@@ -293,6 +301,19 @@ pub fn resident(job: &Job) -> Resident {
             dense_params += p.numel() * n;
         }
     }
+    // Module order: the embedding, each layer's parameters, then the final norm, lm_head and a
+    // vision tower (what `from_config` / `from_pretrained` allocate one by one).
+    let tensors_of = |p: &Param| -> Vec<(Category, u128)> {
+        if quantized(job, p) {
+            let (d, c) = job.weights.storage_bytes(p.rows, p.cols, job.double_quant);
+            (0..p.copies)
+                .flat_map(|_| [(Category::Weights, d), (Category::QuantConstants, c)])
+                .collect()
+        } else {
+            vec![(Category::Weights, p.numel() * dense_bytes)]
+        }
+    };
+    r.load_tensors = m.recipe.build_order().iter().flat_map(tensors_of).collect();
     r.weights = q_data + dense_params * dense_bytes;
     r.quant_constants = q_consts;
     r.explain.weights = match job.weights {
@@ -368,6 +389,14 @@ pub fn resident(job: &Job) -> Resident {
                 }
             }
             r.adapters = all * ADAPTER_BYTES;
+            for m in lora_modules(job) {
+                for _ in 0..m.count {
+                    r.load_tensors
+                        .push((Category::Adapters, m.a_params * ADAPTER_BYTES));
+                    r.load_tensors
+                        .push((Category::Adapters, m.b_params * ADAPTER_BYTES));
+                }
+            }
             r.adapter_params = all;
             r.explain.adapters = format!(
                 "rank {rank} × (in + out) per targeted module × {} layers = {all} params × 4 B (Hu et al. 2021; peft LoraLayer keeps adapters in fp32: autocast_adapter_dtype){}",
@@ -478,6 +507,47 @@ fn optimizer(job: &Job, trainable: &[Tensor], r: &mut Resident) {
     r.optimizer_state = state;
     r.optimizer_paged = paged;
     r.optimizer_step_temp = temp;
+    // The same, tensor by tensor (what the caching allocator sees): AdamW's `_init_group`
+    // creates exp_avg and exp_avg_sq per parameter; foreach's `_foreach_sqrt` one temporary per
+    // parameter, all alive at once.
+    let each = |t: &Tensor| t.numel * t.bytes;
+    r.state_tensors = match job.optimizer {
+        Optimizer::Adamw | Optimizer::AdamwFused => {
+            trainable.iter().flat_map(|t| [each(t), each(t)]).collect()
+        }
+        Optimizer::Adamw8bit => trainable
+            .iter()
+            .flat_map(|t| {
+                if t.numel >= 4096 {
+                    vec![
+                        t.numel,
+                        t.numel,
+                        t.numel.div_ceil(256) * 4,
+                        t.numel.div_ceil(256) * 4,
+                    ]
+                } else {
+                    vec![4 * t.numel, 4 * t.numel]
+                }
+            })
+            .collect(),
+        Optimizer::SgdMomentum => trainable.iter().map(each).collect(),
+        Optimizer::Adafactor => trainable
+            .iter()
+            .map(|t| {
+                if t.rows > 1 && t.cols() > 1 {
+                    t.batch * (t.rows + t.cols()) * 4
+                } else {
+                    t.numel * 4
+                }
+            })
+            .collect(),
+        Optimizer::PagedAdamw | Optimizer::PagedAdamw8bit | Optimizer::Sgd => Vec::new(),
+    };
+    r.step_temp_tensors = match job.optimizer {
+        Optimizer::Adamw => trainable.iter().map(each).collect(),
+        _ if temp > 0 => vec![temp],
+        _ => Vec::new(),
+    };
     r.explain.optimizer = format!(
         "{text}: state {state} B{}, step temporaries {temp} B",
         if paged > 0 {

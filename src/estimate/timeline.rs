@@ -108,6 +108,8 @@ pub enum Event {
         id: usize,
     },
     Phase(Phase),
+    /// `torch.cuda.empty_cache()` (the measurement script calls it after loading).
+    EmptyCache,
 }
 
 /// Live bytes by category, replayed event by event.
@@ -159,7 +161,8 @@ impl Timeline {
         if let Some(last) = self.phase_peaks.last_mut() {
             last.1 = last.1.max(self.total);
         }
-        if self.total > self.peak {
+        // The step's peak: loading the model is its own phase (its own peak is kept per phase).
+        if self.total > self.peak && self.phase != Phase::Load {
             self.peak = self.total;
             self.peak_phase = self.phase;
             self.at_peak = self.live;
@@ -202,6 +205,11 @@ impl Timeline {
     pub fn transient(&mut self, cat: Category, bytes: u128) {
         let b = self.tensor(cat, bytes);
         self.release(b);
+    }
+
+    /// Records `torch.cuda.empty_cache()`.
+    pub fn empty_cache(&mut self) {
+        self.events.push(Event::EmptyCache);
     }
 
     /// The tensor-level events so far, in order.

@@ -94,6 +94,16 @@ impl Named for Preset {
 /// Resolves `--model`.
 pub fn resolve_model(arg: &str) -> Result<(ModelShape, ModelSource), Error> {
     let path = Path::new(arg);
+    // HOOK(configs, hub): a folder without config.json says what is missing; `org/name` comes
+    // from the local Hugging Face cache when it is there (named `org/name`).
+    if path.is_dir() && !path.join("config.json").exists() {
+        return Err(crate::hub::missing_config(path));
+    }
+    if !path.exists() {
+        if let Some(found) = crate::hub::resolve_cached(arg)? {
+            return Ok(found);
+        }
+    }
     if path.exists() || arg.ends_with(".json") {
         let (cfg, file) = HfConfig::from_path(path)?;
         let name = file

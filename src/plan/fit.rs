@@ -205,6 +205,12 @@ pub fn variant(base: &Job, method: Method, optimizer: Optimizer, ckpt: bool) -> 
     j.seq = base.seq;
     j.batch = 1;
     j.attention = base.attention;
+    // The loss, packing, offload and kernels the user's stack runs (a --from file).
+    j.loss = base.loss;
+    j.supervised_fraction = base.supervised_fraction;
+    j.packing = base.packing;
+    j.activation_offload = base.activation_offload;
+    j.liger_kernels = base.liger_kernels;
     j.sharding = base.sharding.clone();
     j
 }

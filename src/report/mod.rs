@@ -15,6 +15,8 @@ use serde::Serialize;
 use crate::error::Error;
 use crate::estimate::Estimate;
 use crate::gpu::{Fit, Gpu};
+use crate::hub::Checkpoint;
+use crate::jobfile::JobFile;
 use crate::method::Job;
 use crate::model::presets::Preset;
 use crate::seed::SeedRow;
@@ -87,12 +89,20 @@ struct EstimateDoc<'a> {
     fits: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     fit: Option<&'a Fit>,
+    /// The `--from` file: its format, where each setting came from, and unmodelled keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from: Option<&'a JobFile>,
+    /// The model folder's safetensors headers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    checkpoint: Option<&'a Checkpoint>,
 }
 
 pub fn render_estimate(
     job: &Job,
     est: &Estimate,
     fit: Option<&Fit>,
+    from: Option<&JobFile>,
+    checkpoint: Option<&Checkpoint>,
     explain: bool,
     format: Format,
 ) -> Result<String, Error> {
@@ -101,8 +111,40 @@ pub fn render_estimate(
         job,
         fits: fit.map(|f| f.fits),
         fit,
+        from,
+        checkpoint,
     };
-    render(format, &doc, || estimate_sheet(job, est, fit, explain))
+    let sheet = || {
+        let mut s = estimate_sheet(job, est, fit, explain);
+        if let Some(c) = checkpoint {
+            s.notes.push(c.summary());
+        }
+        s
+    };
+    match (format, from) {
+        (Format::Table, Some(f)) => Ok(format!(
+            "{}\n{}",
+            renderer(format).map_or_else(String::new, |r| r.render(&provenance_sheet(f))),
+            table::TableRenderer.render(&sheet())
+        )),
+        _ => render(format, &doc, sheet),
+    }
+}
+
+/// Which setting came from which key of a `--from` file, which default was applied, and the
+/// keys that change memory but are not modelled.
+fn provenance_sheet(f: &JobFile) -> Sheet {
+    Sheet {
+        title: vec![format!("{} ({})", f.path.display(), f.format)],
+        headers: vec!["setting".into(), "value".into(), "from".into()],
+        rows: f
+            .provenance
+            .iter()
+            .map(|p| vec![p.setting.to_string(), p.value.clone(), p.source.to_string()])
+            .collect(),
+        numeric: vec![],
+        notes: f.warnings.iter().map(|w| format!("warning: {w}")).collect(),
+    }
 }
 
 fn estimate_sheet(job: &Job, est: &Estimate, fit: Option<&Fit>, explain: bool) -> Sheet {
@@ -128,6 +170,21 @@ fn estimate_sheet(job: &Job, est: &Estimate, fit: Option<&Fit>, explain: bool) -
                 .as_ref()
                 .map(|l| format!(" · LoRA r{} dropout {}", l.rank, l.dropout))
                 .unwrap_or_default()
+        ),
+        format!(
+            "loss {}{}{}{}",
+            job.loss,
+            if job.packing { " · packing" } else { "" },
+            if job.activation_offload {
+                " · activation offload"
+            } else {
+                ""
+            },
+            if job.liger_kernels {
+                " · Liger kernels"
+            } else {
+                ""
+            }
         ),
     ];
     title.push(format!("peak during: {}", est.peak_phase));
@@ -193,6 +250,17 @@ fn estimate_sheet(job: &Job, est: &Estimate, fit: Option<&Fit>, explain: bool) -
     if let Some(f) = fit {
         notes.push(f.verdict());
         notes.extend(f.advice());
+    }
+    if est.host_bytes.0 > 0 {
+        notes.push(format!(
+            "host RAM: {} GiB of offloaded activations ({})",
+            gib(est.host_bytes),
+            if job.grad_checkpointing {
+                "the checkpointed input of every layer"
+            } else {
+                "every layer's saved tensors"
+            }
+        ));
     }
     if let Some(s) = &est.sharding {
         notes.push(format!(

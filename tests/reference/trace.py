@@ -12,10 +12,12 @@ on that storage subtracts it when the storage dies.  Parameters, buffers and opt
 meta tensors too and are counted the same way.
 
 Meta tensors do not make CUDA's kernel choices; this file makes them (see `cuda_choices`):
-  (a) SDPA: flash attention when there is no mask (bf16/fp16, equal head dims <= 256),
-      memory-efficient attention otherwise (with the boolean mask converted to an additive
-      mask of the query dtype, as aten's convert_boolean_attn_mask does), the math path
-      where neither applies (aten/src/ATen/native/transformers/sdp_utils.cpp);
+  (a) SDPA: the H200's order (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp with
+      cuDNN 9.19): cuDNN attention where it applies (bf16/fp16, head dims <= 256, with or
+      without a mask), flash attention without a mask, memory-efficient attention with one,
+      the math path where none applies; a boolean mask is converted to an additive mask of the
+      query dtype first (attention.cpp), and the fused kernels save it for backward.  Flash and
+      cuDNN keep the same bytes (q, k, v, output, fp32 [b, heads, s] log-sum-exp, RNG state);
   (b) dropout as aten::native_dropout with a 1-byte bool mask (aten/src/ATen/native/Dropout.cpp
       is_fused_kernel_acceptable: CUDA inputs with 0 < p < 1);
   (c) AdamW with foreach=True (torch/optim/optimizer.py _default_to_fused_or_foreach picks it
@@ -37,6 +39,7 @@ Usage:
   trace.py validate [--out FILE]       # the traceable H200 ground-truth cases
   trace.py generate [--only SUBSTR]    # the reference grid -> tests/data/reference/traces.jsonl
   trace.py one --config CFG.json [--method full|lora|inference] [--batch B] [--seq S] ...
+                [--events EVENTS.jsonl]
 """
 from __future__ import annotations
 
@@ -177,22 +180,44 @@ _ORIG_DROPOUT = torch.nn.functional.dropout
 SDPA_CHOICES: dict[str, int] = {}
 
 
+#: PyTorch 2.11's sdp_utils.cpp check_prefer_cudnn_attention(): on sm90/sm100 with a runtime
+#: cuDNN newer than 9.15.0 (torch 2.11's wheel brings cuDNN 9.19; the H200 run reports 91900) the
+#: SDPA order is cuDNN, flash, memory-efficient, math. TORCH_CUDNN_SDPA_DEPRIORITIZED=1 restores
+#: flash first; False here traces that order.
+PREFER_CUDNN_SDPA = True
+
+
 def _sdpa_cuda(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                enable_gqa=False):
-    """torch.nn.functional.scaled_dot_product_attention as it dispatches on an sm90 GPU.
+    """torch.nn.functional.scaled_dot_product_attention as it dispatches on an H200 (sm90).
 
-    sdp_utils.cpp priority (flash, efficient, math; cuDNN only preferred on sm100+):
-    flash needs no mask, fp16/bf16, q/k/v head dims equal, multiple of 8 and <= 256, and supports
-    GQA; memory-efficient needs q/k head dims equal and multiples of 8 (v's too), supports an
-    additive mask, not GQA; otherwise the math path (which meta runs as CUDA would).
+    sdp_utils.cpp: cuDNN needs fp16/bf16, q/k and v head dims <= 256 (Hopper, cuDNN >= 9.10) and
+    multiples of 8, equal head counts unless enable_gqa, a key length > 1, and accepts a mask;
+    flash needs no mask, fp16/bf16, equal head dims <= 256, equal heads unless enable_gqa;
+    memory-efficient needs q/k head dims equal and 8-aligned, equal head counts (no GQA), accepts
+    a mask; otherwise the math path (which meta runs as CUDA would). The mask conversions are
+    attention.cpp's (convert_boolean_attn_mask_cudnn / convert_boolean_attn_mask, preprocess_mask).
     """
     qd, kd, vd = query.shape[-1], key.shape[-1], value.shape[-1]
     lowp = query.dtype in (torch.float16, torch.bfloat16)
-    same_heads = query.shape[-3] == key.shape[-3]
-    flash_ok = (attn_mask is None and lowp and qd == kd == vd and qd % 8 == 0 and qd <= 256
-                and (same_heads or enable_gqa))
+    hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
+    same_heads = hq == hk == hv
+    gqa_ok = same_heads or (enable_gqa and hk == hv and hq % hk == 0)
+    cudnn_ok = (PREFER_CUDNN_SDPA and lowp and qd == kd and qd <= 256 and vd <= 256
+                and qd % 8 == 0 and vd % 8 == 0 and gqa_ok and key.shape[-2] > 1)
+    flash_ok = (attn_mask is None and lowp and qd == kd == vd and qd <= 256 and gqa_ok)
     eff_ok = (qd == kd and qd % 8 == 0 and vd % 8 == 0 and same_heads
               and query.dtype in (torch.float16, torch.bfloat16, torch.float32))
+    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
+                                        or value.requires_grad)
+    if cudnn_ok:
+        SDPA_CHOICES["cudnn"] = SDPA_CHOICES.get("cudnn", 0) + 1
+        bias = attn_mask
+        if bias is not None and bias.dtype == torch.bool:
+            bias = torch.where(bias.logical_not(), -65504.0, torch.scalar_tensor(
+                0.0, dtype=query.dtype, device=bias.device))
+        return torch.ops.aten._scaled_dot_product_cudnn_attention(
+            query, key, value, bias, grad, dropout_p, is_causal, False, scale=scale)[0]
     if flash_ok:
         SDPA_CHOICES["flash"] = SDPA_CHOICES.get("flash", 0) + 1
         return torch.ops.aten._scaled_dot_product_flash_attention(
@@ -201,20 +226,16 @@ def _sdpa_cuda(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
         SDPA_CHOICES["efficient"] = SDPA_CHOICES.get("efficient", 0) + 1
         bias = attn_mask
         if bias is not None and bias.dtype == torch.bool:
-            # attention.cpp convert_boolean_attn_mask: where(mask, 0, -inf) in the query dtype
             bias = torch.where(bias, 0.0, torch.scalar_tensor(
                 float("-inf"), dtype=query.dtype, device=bias.device))
         if bias is not None:
-            # attention.cpp preprocess_mask: pad to 8-aligned strides, then expand (a view)
+            # preprocess_mask: pad to 8-aligned strides, then expand (a view)
             if any(bias.stride(i) % 8 != 0 for i in range(bias.dim() - 1)):
                 last = bias.shape[-1]
                 bias = torch.nn.functional.pad(bias, (0, 8 - last % 8))[..., :last]
             bias = bias.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
-        compute_lse = query.requires_grad or key.requires_grad or value.requires_grad
-        if not torch.is_grad_enabled():
-            compute_lse = False
         return torch.ops.aten._scaled_dot_product_efficient_attention(
-            query, key, value, bias, compute_lse, dropout_p, is_causal, scale=scale)[0]
+            query, key, value, bias, grad, dropout_p, is_causal, scale=scale)[0]
     SDPA_CHOICES["math"] = SDPA_CHOICES.get("math", 0) + 1
     return _ORIG_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                       is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
@@ -283,8 +304,14 @@ def load_config(cfg: dict):
 
 
 def build_model(cfg_dict: dict, dtype, attn: str):
-    from transformers import AutoModelForCausalLM
+    """AutoModelForCausalLM's class; for a config with a vision tower (Gemma 3, Llama 4) the
+    multimodal wrapper (AutoModelForImageTextToText), so the vision weights are resident as in
+    the published checkpoint (AutoModelForCausalLM already picks it for gemma3, and the
+    text-only Llama4ForCausalLM for llama4)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     config = load_config(cfg_dict)
+    if "vision_config" in cfg_dict:
+        AutoModelForCausalLM = AutoModelForImageTextToText  # noqa: N806
     with torch.device("meta"):
         try:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
@@ -329,14 +356,18 @@ def _versions():
             "peft": peft.__version__, "tracer": "tests/reference/trace.py"}
 
 
-def run_case(case: dict, cfg_dict: dict) -> dict:
+def run_case(case: dict, cfg_dict: dict, events: list | None = None) -> dict:
     """case: method, weights, batch, seq, grad_ckpt, attn, lora{r,alpha,dropout,targets,
     target_parameters} -> record with phases (bytes, workspace included)."""
     warnings.simplefilter("ignore")
     import transformers
     transformers.logging.set_verbosity_error()
     dtype = torch.bfloat16 if case.get("weights", "bf16") == "bf16" else torch.float32
+    cur = ["model"]
     tracker = LiveBytes()
+    if events is not None:
+        # (phase, "alloc"|"free"|"resize", storage key, bytes, live bytes after), in order
+        tracker.on_event = lambda kind, key, nb, live: events.append((cur[0], kind, key, nb, live))
     SDPA_CHOICES.clear()
     rec = {}
     with cuda_choices():
@@ -390,6 +421,7 @@ def run_case(case: dict, cfg_dict: dict) -> dict:
             ids = torch.randint(0, vocab, (b, s), device="meta")
             if method == "inference":
                 from transformers import DynamicCache
+                cur[0] = "fwd"
                 tracker.reset_peak()
                 with torch.no_grad():
                     cache = DynamicCache(config=model.config)
@@ -416,16 +448,20 @@ def run_case(case: dict, cfg_dict: dict) -> dict:
                 params = [p for p in model.parameters() if p.requires_grad]
                 opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, foreach=True)
                 for step in (1, 2):
+                    cur[0] = f"fwd{step}"
                     tracker.reset_peak()
                     loss = model(input_ids=ids, labels=ids).loss
                     phases[f"fwd{step}"] = tracker.peak + WORKSPACE_BYTES
+                    cur[0] = f"bwd{step}"
                     tracker.reset_peak()
                     loss.backward()
                     phases[f"bwd{step}"] = tracker.peak + WORKSPACE_BYTES
                     del loss
+                    cur[0] = f"opt{step}"
                     tracker.reset_peak()
                     opt.step()
                     phases[f"opt{step}"] = tracker.peak + WORKSPACE_BYTES
+                    cur[0] = f"zero{step}"
                     opt.zero_grad(set_to_none=True)
                     phases[f"after{step}"] = tracker.live + WORKSPACE_BYTES
                 rec["kv_cache_bytes"] = None
@@ -540,6 +576,8 @@ def main(argv=None):
     o.add_argument("--lora-alpha", type=int, default=32)
     o.add_argument("--lora-dropout", type=float, default=0.05)
     o.add_argument("--targets", default="all-linear")
+    o.add_argument("--events", help="write every storage alloc/free in order as JSON lines "
+                   "(phase, event, storage, bytes, live incl. workspace), e.g. for an allocator replay")
     args = ap.parse_args(argv)
     if args.cmd == "validate":
         return validate(args)
@@ -555,8 +593,14 @@ def main(argv=None):
         case["lora"] = dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                             targets=tg)
     t = time.time()
-    rec = run_case(case, cfg)
+    events = [] if args.events else None
+    rec = run_case(case, cfg, events)
     rec["secs"] = round(time.time() - t, 2)
+    if args.events:
+        with open(args.events, "w") as f:
+            for ph, kind, key, nb, live in events:
+                f.write(json.dumps({"phase": ph, "event": kind, "storage": key, "bytes": nb,
+                                    "live": live + WORKSPACE_BYTES}) + "\n")
     print(json.dumps(rec, indent=1))
     return 0
 
