@@ -471,3 +471,18 @@ fn fit_reports_every_column_at_one_plan_point_and_states_its_ranking() {
         assert!(!reason.contains("24.0 GiB"), "{reason}");
     }
 }
+
+#[test]
+fn check_exits_3_for_a_job_file_that_does_not_fit() {
+    let file = format!("{}/examples/trl-sft.yaml", env!("CARGO_MANIFEST_DIR"));
+    let out = memplan()
+        .args(["estimate", "--from", &file, "--gpu", "8GB", "--check"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let out = memplan()
+        .args(["estimate", "--from", &file, "--gpu", "h200", "--check"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+}
