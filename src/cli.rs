@@ -20,7 +20,10 @@ use memplan::{resolve_model, Attention, Job, Loss, Method, Optimizer};
     name = "memplan",
     version,
     about = "How much GPU memory a fine-tuning step needs, why, and whether it fits",
-    long_about = None
+    long_about = None,
+    // A flag given twice takes its last value, so a suggestion (`would fit: --method qlora`)
+    // can be appended to the command that printed it.
+    args_override_self = true
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -49,6 +52,49 @@ pub enum Command {
     /// Read the GPU through NVML and measure a real NF4 + LoRA training step (candle), compared
     /// with its estimate.
     Probe(Box<ProbeArgs>),
+    /// Print a shell completion script: `memplan completions bash > /etc/bash_completion.d/memplan`.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff): `memplan man > memplan.1 && man ./memplan.1`.
+    Man,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// `--batch 4`: a positive integer. Negative numbers reach this parser (the flag allows them), so
+/// `--batch -1` is told what the flag expects instead of "unexpected argument '-1'".
+pub fn positive_int(text: &str) -> Result<u64, String> {
+    match text.trim().parse::<i128>() {
+        Ok(v) if (1..=i128::from(u64::MAX)).contains(&v) => Ok(v as u64),
+        _ => Err("expects a positive integer such as 4".into()),
+    }
+}
+
+/// `--seq 4096` or `--seq 4k`: tokens, where `k` is 1024 and `M` is 1024² as context lengths are
+/// quoted ("4k context" = 4096, "128k" = 131072, "1M" = 1048576).
+pub fn seq_len(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1024),
+        Some((i, 'm' | 'M')) => (&t[..i], 1024 * 1024),
+        _ => (t, 1),
+    };
+    positive_int(num)
+        .ok()
+        .and_then(|v| v.checked_mul(mult))
+        .ok_or_else(|| "expects a positive number of tokens such as 2048 or 4k (= 4096)".into())
+}
+
+/// `--zero 3`: a DeepSpeed ZeRO stage.
+pub fn zero_stage(text: &str) -> Result<u8, String> {
+    match text.trim().parse::<u8>() {
+        Ok(v) if v <= 3 => Ok(v),
+        _ => Err("expects a ZeRO stage 0–3 (0 replicates, 1 shards optimizer state, 2 + gradients, 3 + parameters)".into()),
+    }
 }
 
 /// Output format of a report.
@@ -73,6 +119,7 @@ impl From<Format> for memplan::report::Format {
 
 #[derive(Debug, Args)]
 pub struct FormatArgs {
+    /// Output format: a text table, JSON (the full record), CSV or Markdown.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }
@@ -86,14 +133,15 @@ pub struct JobArgs {
     /// Hugging Face cache [required unless --from names the model].
     #[arg(long)]
     pub model: Option<String>,
-    /// full, lora, qlora or inference [default: full, or the --from file's].
+    /// full, lora or qlora (`estimate` also takes inference: one prefill with a KV cache)
+    /// [default: full, or the --from file's].
     #[arg(long)]
     pub method: Option<String>,
     /// Micro-batch size [default: 1, or the --from file's].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = positive_int)]
     pub batch: Option<u64>,
-    /// Sequence length in tokens [default: 2048, or the --from file's].
-    #[arg(long)]
+    /// Sequence length in tokens, 4k = 4096 [default: 2048, or the --from file's].
+    #[arg(long, allow_negative_numbers = true, value_parser = seq_len)]
     pub seq: Option<u64>,
     #[command(flatten)]
     pub settings: JobSettings,
@@ -156,7 +204,7 @@ pub struct ShardArgs {
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub nodes: i64,
     /// DeepSpeed ZeRO stage: 0 (replicate), 1 (optimizer state), 2 (+ gradients), 3 (+ parameters).
-    #[arg(long, conflicts_with = "fsdp")]
+    #[arg(long, conflicts_with = "fsdp", allow_negative_numbers = true, value_parser = zero_stage)]
     pub zero: Option<u8>,
     /// PyTorch FSDP sharding strategy: full-shard, shard-grad-op or hybrid-shard.
     #[arg(long)]
@@ -179,14 +227,17 @@ pub struct ShardArgs {
     pub prefetch_bucket: Option<String>,
 }
 
+/// A bucket size in elements: at least 1, at most 10^15 (a bucket larger than any model; the
+/// bound keeps the count from saturating).
 fn positive_count(flag: &str, text: &str) -> Result<u128> {
     let v = text
         .parse::<f64>()
         .ok()
         .filter(|v| v.is_finite() && *v >= 1.0)
         .or_else(|| parse_count(text).filter(|v| *v >= 1.0))
+        .filter(|v| *v <= 1e15)
         .with_context(|| {
-            format!("{flag} '{text}': expected a positive count such as 5e8 or 50M")
+            format!("{flag} '{text}': expected a positive count such as 5e8 or 50M, at most 1e15")
         })?;
     Ok(v.round() as u128)
 }
@@ -260,22 +311,27 @@ pub struct EstimateArgs {
     #[arg(long, value_enum)]
     pub emit: Option<Emit>,
     /// Global batch in sequences that --emit reaches with gradient accumulation.
-    #[arg(long)]
-    pub global_batch: Option<u128>,
+    #[arg(long, allow_negative_numbers = true, value_parser = positive_int)]
+    pub global_batch: Option<u64>,
     /// TOML file of [[gpu]] entries that add GPUs or override preset fields.
     #[arg(long)]
     pub gpu_file: Option<PathBuf>,
-    /// A GPU preset (h100-80gb, rtx-4090, …) or a size (24GB): adds a fit verdict.
+    /// A GPU preset (h100-80gb, rtx-4090, …) or a size with its unit (24GB = 24·10^9 bytes,
+    /// 24GiB = 24·2^30): adds a fit verdict.
     #[arg(long)]
     pub gpu: Option<String>,
     /// TOML written by `memplan probe --save-calibration`: measured CUDA context and workspace.
     #[arg(long)]
     pub calibration: Option<PathBuf>,
+    /// Output format: a text table, JSON (the full record), CSV or Markdown.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
     /// Print each component's formula with the numbers substituted, and its source.
     #[arg(long)]
     pub explain: bool,
+    /// Exit with status 3 when the plan does not fit --gpu (for scripts and CI).
+    #[arg(long, requires = "gpu")]
+    pub check: bool,
 }
 
 #[derive(Debug, Args)]
@@ -283,6 +339,7 @@ pub struct TableArgs {
     /// The rule-of-thumb table (bytes per parameter) beside memplan's estimates.
     #[arg(long)]
     pub seed: bool,
+    /// Output format: a text table, JSON (the full record), CSV or Markdown.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }
@@ -319,14 +376,14 @@ pub struct JobSettings {
     #[arg(long)]
     pub compute: Option<String>,
     /// LoRA rank [default: 16].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = positive_int)]
     pub rank: Option<u64>,
     /// all-linear, attention, mlp, or a comma list of module names (q_proj,v_proj,…)
     /// [default: all-linear].
     #[arg(long)]
     pub lora_targets: Option<String>,
     /// LoRA dropout probability [default: 0.05].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lora_dropout: Option<f64>,
     /// QLoRA double quantization of the absmax constants (default on).
     #[arg(long, overrides_with = "no_double_quant")]
@@ -338,10 +395,12 @@ pub struct JobSettings {
     /// adafactor [default: adamw].
     #[arg(long)]
     pub optimizer: Option<String>,
-    /// Activation checkpointing per decoder layer.
+    /// Activation checkpointing per decoder layer: on by default for training, as TRL's SFT,
+    /// LLaMA-Factory and Unsloth default and as the QLoRA paper trained.
     #[arg(long, overrides_with = "no_grad_checkpointing")]
     pub grad_checkpointing: bool,
-    /// Turn activation checkpointing off (e.g. over a --from file that turns it on).
+    /// Keep every layer's activations (transformers' Trainer default, gradient_checkpointing=False),
+    /// also over a --from file that turns checkpointing on.
     #[arg(long)]
     pub no_grad_checkpointing: bool,
     /// sdpa, eager or flash [default: sdpa; eager for models transformers runs eager-only].
@@ -426,6 +485,9 @@ impl JobSettings {
             flag("method", m.to_string(), format!("--method {m}"));
         }
         let mut job = Job::new(model, method);
+        // Checkpointing on for training unless the file or a flag says otherwise (see
+        // `--grad-checkpointing`); an inference prefill has no backward to checkpoint for.
+        job.grad_checkpointing = method != Method::Inference;
         let mut file_settings = fs.clone();
         if method_flag.is_some_and(|m| Some(m) != fs.method) {
             // The file's precisions belong to its own method.
@@ -712,10 +774,10 @@ pub struct BreakdownArgs {
     #[arg(long)]
     pub method: Option<String>,
     /// Micro-batch size [default: 1, or the --from file's].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = positive_int)]
     pub batch: Option<u64>,
-    /// Sequence length in tokens [default: 2048, or the --from file's].
-    #[arg(long)]
+    /// Sequence length in tokens, 4k = 4096 [default: 2048, or the --from file's].
+    #[arg(long, allow_negative_numbers = true, value_parser = seq_len)]
     pub seq: Option<u64>,
     #[command(flatten)]
     pub settings: JobSettings,
@@ -834,28 +896,31 @@ pub struct FitArgs {
     /// GPU preset or size (24GB).
     #[arg(long)]
     pub gpu: String,
-    /// Sequence length the micro-batch search runs at [default: 2048, or the --from file's].
-    #[arg(long)]
+    /// Sequence length the micro-batch search runs at, 4k = 4096 [default: 2048, or the --from
+    /// file's].
+    #[arg(long, allow_negative_numbers = true, value_parser = seq_len)]
     pub seq: Option<u64>,
     /// sdpa, eager or flash [default: sdpa; eager for models transformers runs eager-only].
     #[arg(long)]
     pub attention: Option<String>,
     /// LoRA rank of the LoRA/QLoRA plans [default: 16].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = positive_int)]
     pub rank: Option<u64>,
     /// LoRA target modules of the LoRA/QLoRA plans [default: all-linear].
     #[arg(long)]
     pub lora_targets: Option<String>,
     /// LoRA dropout of the LoRA/QLoRA plans [default: 0.05].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lora_dropout: Option<f64>,
     #[command(flatten)]
     pub shard: ShardArgs,
     /// Model FLOPs utilization for the throughput ranking.
     #[arg(long, default_value_t = memplan::cost::DEFAULT_MFU, allow_negative_numbers = true)]
     pub mfu: f64,
+    /// TOML file of [[gpu]] entries that add GPUs or override preset fields (presets/README.md).
     #[arg(long)]
     pub gpu_file: Option<PathBuf>,
+    /// Output format: a text table, JSON (the full record), CSV or Markdown.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }
@@ -914,6 +979,7 @@ pub struct CostArgs {
     /// Tokens in the data set per epoch: 50M, 1.2B, 300000.
     #[arg(long, allow_hyphen_values = true)]
     pub tokens: String,
+    /// Passes over the data set (fractions allowed: 0.5).
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub epochs: f64,
     /// Model FLOPs utilization (fraction of peak).
@@ -937,8 +1003,10 @@ pub struct CostArgs {
     /// Leave QLoRA's dequantization time out.
     #[arg(long)]
     pub no_dequant_overhead: bool,
+    /// TOML file of [[gpu]] entries that add GPUs or override preset fields (presets/README.md).
     #[arg(long)]
     pub gpu_file: Option<PathBuf>,
+    /// Output format: a text table, JSON (the full record), CSV or Markdown.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }
@@ -946,10 +1014,10 @@ pub struct CostArgs {
 impl CostArgs {
     pub fn tokens(&self) -> Result<u128> {
         let v = parse_count(&self.tokens)
-            .filter(|v| *v >= 1.0)
+            .filter(|v| (1.0..=memplan::cost::MAX_TOKENS as f64).contains(v))
             .with_context(|| {
                 format!(
-                    "--tokens '{}': expected a positive count such as 50M or 1.2B",
+                    "--tokens '{}': expected a positive count such as 50M or 1.2B, at most 1e15",
                     self.tokens
                 )
             })?;
@@ -987,6 +1055,7 @@ pub enum ProbeFormat {
 pub struct ProbeArgs {
     #[command(flatten)]
     pub job: JobArgs,
+    /// Where the step runs: auto (CUDA when built with it and a GPU is present), cpu or cuda.
     #[arg(long, value_enum, default_value_t = ProbeDevice::Auto)]
     pub device: ProbeDevice,
     /// Toy model (no --model): vocabulary size [default: 256 on the CPU, 32000 on CUDA].
@@ -1035,6 +1104,7 @@ pub struct ProbeArgs {
     /// Seed of the random weights, batch and dropout masks.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Output format: a text table or JSON.
     #[arg(long, value_enum, default_value_t = ProbeFormat::Table)]
     pub format: ProbeFormat,
     /// Write the measured CUDA context size as TOML for `memplan estimate --calibration`.
@@ -1143,5 +1213,141 @@ impl ProbeArgs {
             self.lr,
             backend,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    const BEGIN: &str = "<!-- BEGIN: generated from the CLI definition by `cargo test --bin memplan` (MEMPLAN_BLESS=1 rewrites it) -->\n";
+    const END: &str = "<!-- END: generated -->\n";
+
+    fn cell(text: &str) -> String {
+        text.split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .replace('|', "\\|")
+    }
+
+    /// Every command and flag as Markdown: the reference part of book/src/usage.md.
+    fn usage_reference() -> String {
+        let cli = Cli::command();
+        let mut out = String::new();
+        for sub in cli.get_subcommands() {
+            let mut cmds = vec![(format!("memplan {}", sub.get_name()), sub)];
+            cmds.extend(
+                sub.get_subcommands()
+                    .map(|s| (format!("memplan {} {}", sub.get_name(), s.get_name()), s)),
+            );
+            for (name, cmd) in cmds {
+                if cmd.has_subcommands() {
+                    out += &format!(
+                        "### `{name}`\n\n{}\n\n",
+                        cell(&cmd.get_about().map(|a| a.to_string()).unwrap_or_default())
+                    );
+                    continue;
+                }
+                out += &format!(
+                    "### `{name}`\n\n{}\n\n| flag | meaning | default |\n|---|---|---|\n",
+                    cell(&cmd.get_about().map(|a| a.to_string()).unwrap_or_default())
+                );
+                for arg in cmd.get_arguments() {
+                    let id = arg.get_id().as_str();
+                    if id == "help" || id == "version" {
+                        continue;
+                    }
+                    let flag = match arg.get_long() {
+                        Some(l) => format!("`--{l}`"),
+                        None => format!("`<{}>`", id.to_ascii_uppercase()),
+                    };
+                    let mut help = cell(&arg.get_help().map(|h| h.to_string()).unwrap_or_default());
+                    let values: Vec<String> = arg
+                        .get_possible_values()
+                        .iter()
+                        .filter(|_| arg.get_action().takes_values())
+                        .map(|v| format!("`{}`", v.get_name()))
+                        .collect();
+                    if !values.is_empty() {
+                        help += &format!(" ({})", values.join(", "));
+                    }
+                    let default: Vec<String> = arg
+                        .get_default_values()
+                        .iter()
+                        .map(|v| v.to_string_lossy().into_owned())
+                        .filter(|v| v != "false")
+                        .map(|v| format!("`{v}`"))
+                        .collect();
+                    out += &format!("| {flag} | {help} | {} |\n", default.join(", "));
+                }
+                out += "\n";
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_flag_has_help() {
+        fn walk(cmd: &clap::Command, path: &str) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                assert!(
+                    arg.get_help()
+                        .is_some_and(|h| !h.to_string().trim().is_empty()),
+                    "{path} --{id} has no help text"
+                );
+            }
+            for sub in cmd.get_subcommands() {
+                assert!(
+                    sub.get_about().is_some(),
+                    "{path} {} has no about",
+                    sub.get_name()
+                );
+                walk(sub, &format!("{path} {}", sub.get_name()));
+            }
+        }
+        walk(&Cli::command(), "memplan");
+    }
+
+    /// book/src/usage.md holds the reference generated above, so it lists every flag of every
+    /// command (sharding, --emit, --check, …) and cannot fall behind the CLI.
+    #[test]
+    fn the_books_usage_page_is_generated_from_the_cli() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("book/src/usage.md");
+        let page = std::fs::read_to_string(&path).unwrap();
+        let (start, end) = (page.find(BEGIN), page.find(END));
+        let (Some(start), Some(end)) = (start, end) else {
+            panic!("book/src/usage.md lacks the generated-reference markers");
+        };
+        let now = format!(
+            "{}{BEGIN}\n{}{END}{}",
+            &page[..start],
+            usage_reference(),
+            &page[end + END.len()..]
+        );
+        if std::env::var_os("MEMPLAN_BLESS").is_some() {
+            std::fs::write(&path, &now).unwrap();
+        }
+        assert!(
+            page == now,
+            "book/src/usage.md is out of date: run MEMPLAN_BLESS=1 cargo test --bin memplan"
+        );
+    }
+
+    #[test]
+    fn value_parsers_say_what_they_expect() {
+        assert_eq!(positive_int("4"), Ok(4));
+        assert!(positive_int("-1").unwrap_err().contains("positive integer"));
+        assert!(positive_int("0").is_err());
+        assert_eq!(seq_len("4k"), Ok(4096));
+        assert_eq!(seq_len("128K"), Ok(131072));
+        assert_eq!(seq_len("1M"), Ok(1 << 20));
+        assert!(seq_len("-4k").is_err());
+        assert_eq!(zero_stage("3"), Ok(3));
+        assert!(zero_stage("4").unwrap_err().contains("0–3"));
     }
 }

@@ -170,17 +170,59 @@ pub struct CostEstimate {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub buy_vs_rent: Option<BuyVsRent>,
     pub assumptions: Vec<Assumption>,
+    /// Whether one step of the job fits each GPU (the job's estimate against the GPU's memory).
+    pub fits: bool,
+    /// The verdict in full, with what would fit when it does not.
+    pub fit: crate::gpu::Fit,
+}
+
+/// A number as a user would write it: `0.4`, `1e300` (not 301 digits).
+pub fn number_text(v: f64) -> String {
+    if v == 0.0 || (1e-4..1e7).contains(&v.abs()) {
+        format!("{v}")
+    } else {
+        format!("{v:e}")
+    }
 }
 
 fn positive(v: f64, flag: &'static str, what: &str) -> Result<f64, Error> {
-    if v.is_finite() && v > 0.0 {
+    let (min, max) = input_bounds(flag);
+    let ok = v.is_finite() && v > 0.0 && (min..=max).contains(&v);
+    let (v_text, min, max) = (number_text(v), number_text(min), number_text(max));
+    if ok {
         Ok(v)
+    } else if v.is_finite() && v > 0.0 {
+        Err(Error::Unsupported(format!(
+            "{flag} {v_text}: {what} must be between {min} and {max}"
+        )))
     } else {
         Err(Error::Unsupported(format!(
-            "{flag} {v}: {what} must be a positive number"
+            "{flag} {v_text}: {what} must be a positive number"
         )))
     }
 }
+
+/// The range each numeric input of `memplan cost` accepts, so that every result is a finite
+/// number (no `inf`, no `NaN`) and none saturates. The bounds are far outside real runs: MFU
+/// 1% (no training run is slower) to 1; throughput 1 GFLOP/s to 10^5 TFLOP/s (40× a B200);
+/// 10^-3 to 10^3 epochs; prices 10^-6 to 10^9; up to 10^15 tokens (66× Llama 3's 15T
+/// pre-training set) and 10^6 GPUs.
+pub fn input_bounds(flag: &str) -> (f64, f64) {
+    match flag {
+        "--mfu" => (0.01, 1.0),
+        "--peak-tflops" => (1e-3, 1e5),
+        "--epochs" => (1e-3, 1e3),
+        "--price" | "--purchase-price" => (1e-6, 1e9),
+        "--tokens" => (1.0, MAX_TOKENS as f64),
+        "--gpus" => (1.0, MAX_GPUS as f64),
+        _ => (f64::MIN_POSITIVE, f64::MAX),
+    }
+}
+
+/// Largest `--tokens` (see [`input_bounds`]).
+pub const MAX_TOKENS: u128 = 1_000_000_000_000_000;
+/// Largest `--gpus` of `memplan cost`.
+pub const MAX_GPUS: u128 = 1_000_000;
 
 /// Peak dense FLOP/s for the job's compute dtype, with where it came from.
 fn peak(req: &CostRequest) -> Result<(f64, String), Error> {
@@ -213,21 +255,26 @@ fn peak(req: &CostRequest) -> Result<(f64, String), Error> {
 
 /// Computes time and money for training `req.job` on `req.tokens × req.epochs` tokens.
 pub fn cost(req: &CostRequest) -> Result<CostEstimate, Error> {
-    if req.gpus == 0 {
-        return Err(Error::Unsupported("--gpus must be at least 1".into()));
-    }
-    if req.tokens == 0 {
-        return Err(Error::Unsupported(
-            "--tokens must be a positive count such as 50M".into(),
-        ));
-    }
-    let epochs = positive(req.epochs, "--epochs", "the number of epochs")?;
-    let mfu = positive(req.mfu, "--mfu", "model FLOPs utilization")?;
-    if mfu > 1.0 {
+    if req.gpus == 0 || req.gpus > MAX_GPUS {
         return Err(Error::Unsupported(format!(
-            "--mfu {mfu}: utilization is a fraction of peak, at most 1 (typical 0.3–0.5)"
+            "--gpus {}: between 1 and {MAX_GPUS}",
+            req.gpus
         )));
     }
+    if req.tokens == 0 || req.tokens > MAX_TOKENS {
+        return Err(Error::Unsupported(format!(
+            "--tokens {}: a positive count such as 50M, at most 1e15",
+            req.tokens
+        )));
+    }
+    let epochs = positive(req.epochs, "--epochs", "the number of epochs")?;
+    if !(req.mfu > 0.0 && req.mfu <= 1.0) {
+        return Err(Error::Unsupported(format!(
+            "--mfu {}: utilization is a fraction of peak, at most 1 (typical 0.3–0.5)",
+            number_text(req.mfu)
+        )));
+    }
+    let mfu = positive(req.mfu, "--mfu", "model FLOPs utilization")?;
     if req.job.method == Method::Inference {
         return Err(Error::Unsupported(
             "memplan cost prices training: use --method full, lora or qlora".into(),
@@ -257,6 +304,12 @@ pub fn cost(req: &CostRequest) -> Result<CostEstimate, Error> {
     let (peak_flops, peak_source) = peak(req)?;
 
     let tokens_trained = (req.tokens as f64 * epochs).round() as u128;
+    if tokens_trained == 0 {
+        return Err(Error::Unsupported(format!(
+            "--tokens {} × --epochs {epochs} trains less than one token",
+            req.tokens
+        )));
+    }
     let fpt = flops_per_token(&req.job, req.attention_flops);
     let flops = fpt.total() as f64 * tokens_trained as f64;
     let gpus = req.gpus as f64;
@@ -371,7 +424,16 @@ pub fn cost(req: &CostRequest) -> Result<CostEstimate, Error> {
             override_with: "--purchase-price",
         });
     }
+    // The plan must fit the GPU it is priced on: one replica of the step per GPU.
+    let profile = crate::estimate::runtime::pytorch_cuda();
+    let est = crate::estimate::estimate_with(&req.job, &profile)?;
+    let mut fit = crate::gpu::fit(&est, &req.gpu);
+    if !fit.fits {
+        fit.would_fit = crate::plan::suggest(&req.job, &req.gpu, &profile)?;
+    }
     Ok(CostEstimate {
+        fits: fit.fits,
+        fit,
         model: req.job.model.name.clone(),
         method: req.job.method,
         gpu: req.gpu.name.clone(),

@@ -76,7 +76,7 @@ impl Precision {
 /// double quantization (`compress_statistics=True`) one uint8 per 64-block plus one fp32 per 256
 /// of those and an fp32 offset — and the 16-entry fp32 NF4 code table; double quantization adds
 /// the 256-entry fp32 dynamic map of the nested state. Checked byte for byte against the
-/// `quant_state_bytes` measured in `../shared/groundtruth` (1B: 15,564,224 with, 60,824,576
+/// `quant_state_bytes` measured on the H200 (`tests/data/h200-pytorch.jsonl`) (1B: 15,564,224 with, 60,824,576
 /// without double quantization).
 // ANCHOR: nf4_constants
 pub fn nf4_constants_bytes(n: u128, double_quant: bool) -> u128 {

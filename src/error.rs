@@ -24,6 +24,9 @@ pub enum Error {
         reason: std::io::Error,
     },
 
+    #[error("{path} {problem}")]
+    InputFile { path: PathBuf, problem: String },
+
     #[error("{path}: not a valid config.json: {message}")]
     BadConfig { path: PathBuf, message: String },
 
@@ -61,30 +64,27 @@ pub enum Error {
 
     #[error("invalid preset file {path}: {message}")]
     Preset { path: String, message: String },
+
+    #[error("{path}: not a valid calibration file: {message}")]
+    BadCalibration { path: PathBuf, message: String },
 }
 
-/// Reads a user-supplied file that must be a regular file of at most `limit` bytes (a FIFO
-/// would block forever, `/dev/zero` would never end).
-pub fn read_regular_file(path: &std::path::Path, limit: u64) -> Result<String, Error> {
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let meta = std::fs::metadata(path).map_err(io)?;
-    if !meta.is_file() {
-        return Err(Error::Unsupported(format!(
-            "{} is not a regular file",
-            path.display()
-        )));
+/// A TOML error as one line, reason first: `expected '=' (line 2, column 5)`. The toml crate's
+/// `Display` is several lines (the source line and a caret) with the reason last.
+pub fn toml_error_line(e: &toml::de::Error, text: &str) -> String {
+    let reason = e.message().trim().replace('\n', "; ");
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before[before.rfind('\n').map_or(0, |i| i + 1)..]
+                .chars()
+                .count()
+                + 1;
+            format!("{reason} (line {line}, column {column})")
+        }
+        None => reason,
     }
-    if meta.len() > limit {
-        return Err(Error::Unsupported(format!(
-            "{} is {} bytes, more than the {limit} memplan reads",
-            path.display(),
-            meta.len()
-        )));
-    }
-    std::fs::read_to_string(path).map_err(io)
 }
 
 /// A preset found by its name or one of its aliases, case-insensitively.

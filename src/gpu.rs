@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{find_named, Error, Named};
 use crate::estimate::Estimate;
-use crate::units::{parse_size, Bytes, MIB};
+use crate::units::{parse_size, Bytes, SizeUnit, MIB};
 
 const GPUS_TOML: &str = include_str!("../presets/gpus.toml");
 
@@ -51,19 +51,39 @@ pub struct Gpu {
     /// When the prices were typical.
     #[serde(default)]
     pub prices_as_of: String,
+    /// The exact size and its unit when the GPU was given as a size (`--gpu 24GB`).
+    #[serde(skip)]
+    pub written_size: Option<(Bytes, SizeUnit)>,
 }
 
 impl Gpu {
     pub fn memory(&self) -> Bytes {
-        Bytes(u128::from(self.memory_mib) * MIB)
+        match self.written_size {
+            Some((b, _)) => b,
+            None => Bytes(u128::from(self.memory_mib) * MIB),
+        }
     }
 
-    /// A GPU known only by its memory size.
+    /// The memory in the unit it was given in: `24.00 GB` for `--gpu 24GB`, GiB for presets
+    /// (whose sizes are MiB, as nvidia-smi reports them).
+    pub fn memory_text(&self) -> String {
+        let unit = self.written_size.map_or(SizeUnit::Binary, |(_, u)| u);
+        self.memory().display_in(unit)
+    }
+
+    /// A GPU known only by its memory size, as written.
+    pub fn of_written_size(name: &str, bytes: Bytes, unit: SizeUnit) -> Gpu {
+        let mut g = Gpu::of_size(name, bytes);
+        g.written_size = Some((bytes, unit));
+        g
+    }
+
+    /// A GPU known only by its memory size (whole MiB).
     pub fn of_size(name: &str, bytes: Bytes) -> Gpu {
         Gpu {
             name: name.to_string(),
             aliases: Vec::new(),
-            memory_mib: (bytes.0 / MIB) as u64,
+            memory_mib: u64::try_from(bytes.0 / MIB).unwrap_or(u64::MAX),
             spec_source: "given on the command line".into(),
             bf16_dense_tflops: None,
             fp16_dense_tflops: None,
@@ -74,6 +94,7 @@ impl Gpu {
             purchase_price_usd: None,
             purchase_price_source: String::new(),
             prices_as_of: String::new(),
+            written_size: None,
         }
     }
 }
@@ -137,10 +158,7 @@ impl Catalogue {
     pub fn load(path: Option<&Path>) -> Result<Catalogue, Error> {
         let mut c = Catalogue::default();
         if let Some(p) = path {
-            let text = std::fs::read_to_string(p).map_err(|source| Error::Io {
-                path: p.to_path_buf(),
-                source,
-            })?;
+            let text = crate::files::read_input(p, "GPU file", crate::files::MAX_INPUT_BYTES)?;
             c.with_file(&text, &p.display().to_string())?;
         }
         Ok(c)
@@ -153,7 +171,8 @@ impl Catalogue {
             path: origin.to_string(),
             message,
         };
-        let file: PatchFile = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let file: PatchFile =
+            toml::from_str(text).map_err(|e| bad(crate::error::toml_error_line(&e, text)))?;
         for p in file.gpu {
             let idx = match self.gpus.iter().position(|g| g.answers_to(&p.name)) {
                 Some(i) => i,
@@ -172,9 +191,10 @@ impl Catalogue {
             };
             let g = &mut self.gpus[idx];
             let positive = |v: Option<f64>, field: &str| -> Result<Option<f64>, Error> {
+                let max = number_bound(field);
                 match v {
-                    Some(x) if !(x.is_finite() && x > 0.0) => Err(bad(format!(
-                        "{}: {field} must be a positive number, not {x}",
+                    Some(x) if !(x.is_finite() && x > 0.0 && x <= max) => Err(bad(format!(
+                        "{}: {field} must be a positive number up to {max}, not {x}",
                         p.name
                     ))),
                     _ => Ok(v),
@@ -192,8 +212,14 @@ impl Catalogue {
                     }
                 };
             }
-            if p.memory_mib == Some(0) {
-                return Err(bad(format!("{}: memory_mib must be positive", p.name)));
+            if let Some(mib) = p.memory_mib {
+                let bytes = u128::from(mib) * MIB;
+                if !(crate::units::GPU_SIZE_MIN..=crate::units::GPU_SIZE_MAX).contains(&bytes) {
+                    return Err(bad(format!(
+                        "{}: memory_mib = {mib} is outside 256 to 67108864 MiB (256 MiB to 64 TiB)",
+                        p.name
+                    )));
+                }
             }
             set!(aliases);
             set!(memory_mib);
@@ -216,13 +242,25 @@ impl Catalogue {
         match find_named(&self.gpus, arg) {
             Ok(g) => Ok(g.clone()),
             Err(_) if arg.starts_with(|c: char| c.is_ascii_digit()) => {
-                Ok(Gpu::of_size(arg, parse_size(arg)?))
+                let (bytes, unit) = parse_size(arg)?;
+                Ok(Gpu::of_written_size(arg, bytes, unit))
             }
             Err(suggestion) => Err(Error::UnknownGpu {
                 name: arg.to_string(),
                 suggestion,
             }),
         }
+    }
+}
+
+/// The largest value a `--gpu-file` number may have, so that cost arithmetic stays finite:
+/// throughput 10^5 TFLOP/s (40× a B200's 2,250 dense BF16), bandwidth 10^6 GB/s (125× a B200's
+/// 8,000), prices 10^9 USD.
+pub fn number_bound(field: &str) -> f64 {
+    match field {
+        "bf16_dense_tflops" | "fp16_dense_tflops" => 1e5,
+        "memory_bandwidth_gb_per_s" => 1e6,
+        _ => 1e9,
     }
 }
 
@@ -251,6 +289,47 @@ pub struct Fit {
     pub headroom_bytes: i128,
     /// Share of the GPU's memory the step needs, in percent.
     pub utilization_pct: f64,
+    /// The GPU's memory as written: `24.00 GB` for `--gpu 24GB`, GiB for presets.
+    pub gpu_memory: String,
+    /// When it does not fit: what would (`memplan fit`'s best plan, or a smaller batch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub would_fit: Option<crate::plan::Suggestion>,
+}
+
+impl Fit {
+    /// The verdict line: `DOES NOT FIT on rtx-4090 (23.99 GiB): 101.5% used, headroom -0.36 GiB`,
+    /// in the GPU's unit.
+    pub fn verdict(&self) -> String {
+        let unit = if self.gpu_memory.ends_with(" GB") {
+            SizeUnit::Decimal
+        } else {
+            SizeUnit::Binary
+        };
+        let headroom = Bytes(self.headroom_bytes.unsigned_abs()).display_in(unit);
+        format!(
+            "{} on {} ({}): {:.1}% used, headroom {}{headroom}",
+            if self.fits { "FITS" } else { "DOES NOT FIT" },
+            self.gpu,
+            self.gpu_memory,
+            self.utilization_pct,
+            if self.headroom_bytes < 0 { "-" } else { "" },
+        )
+    }
+
+    /// `would fit: --method qlora --batch 2 (21.30 GiB)`, or why nothing does.
+    pub fn advice(&self) -> Option<String> {
+        if self.fits {
+            return None;
+        }
+        Some(match &self.would_fit {
+            Some(s) => format!(
+                "would fit: {} ({} on the device; `memplan fit` lists every plan)",
+                s.flags,
+                s.device_bytes
+            ),
+            None => "no method, optimizer or checkpointing fits at this sequence length: shorten --seq, shard over --gpus, or `memplan fit` for the longest sequence each plan allows".into(),
+        })
+    }
 }
 
 /// Whether the step fits: replayed through the caching allocator at the card's capacity
@@ -264,6 +343,8 @@ pub fn fit(est: &Estimate, gpu: &Gpu) -> Fit {
         fits: crate::estimate::oom_check(est, have).fits,
         headroom_bytes: have as i128 - need as i128,
         utilization_pct: need as f64 / have as f64 * 100.0,
+        gpu_memory: gpu.memory_text(),
+        would_fit: None,
     }
 }
 
@@ -275,7 +356,10 @@ mod tests {
     fn presets_parse_and_resolve() {
         assert!(gpus().len() >= 15);
         assert_eq!(resolve_gpu("H100").unwrap().name, "h100-80gb");
-        assert_eq!(resolve_gpu("24GB").unwrap().memory(), Bytes(24 << 30));
+        assert_eq!(resolve_gpu("24GB").unwrap().memory(), Bytes(24_000_000_000));
+        assert_eq!(resolve_gpu("24GB").unwrap().memory_text(), "24.00 GB");
+        assert_eq!(resolve_gpu("24GiB").unwrap().memory(), Bytes(24 << 30));
+        assert_eq!(resolve_gpu("rtx-4090").unwrap().memory_text(), "23.99 GiB");
         let e = resolve_gpu("rtx-4080").unwrap_err().to_string();
         assert!(e.contains("did you mean"), "{e}");
     }

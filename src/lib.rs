@@ -11,6 +11,7 @@
 //! assert!(est.peak_allocated_bytes.gib() > 10.0 && est.peak_allocated_bytes.gib() < 30.0);
 //! ```
 
+pub mod accuracy;
 pub mod alloc;
 pub mod arch;
 pub mod chart;
@@ -18,6 +19,7 @@ pub mod cost;
 pub mod dtype;
 pub mod error;
 pub mod estimate;
+pub mod files;
 pub mod gpu;
 pub mod hub;
 pub mod jobfile;

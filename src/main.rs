@@ -5,7 +5,7 @@ mod cli;
 use std::io::Write;
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 use cli::{ChartKind, Cli, Command};
 use memplan::chart::{self, Chart, OutputFormat};
@@ -18,6 +18,24 @@ use memplan::{cost, gpu, model, plan, report};
 #[global_allocator]
 static ALLOC: memplan::probe::alloc::CountingAlloc = memplan::probe::alloc::CountingAlloc;
 
+/// Exit status of `estimate --check` when the plan does not fit (1 is an error, 2 a usage error).
+const EXIT_DOES_NOT_FIT: i32 = 3;
+
+/// What a command prints, and whether `--check` failed.
+struct Outcome {
+    text: String,
+    does_not_fit: bool,
+}
+
+impl From<String> for Outcome {
+    fn from(text: String) -> Outcome {
+        Outcome {
+            text,
+            does_not_fit: false,
+        }
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     match run(cli) {
@@ -25,8 +43,11 @@ fn main() {
             let mut stdout = std::io::stdout().lock();
             // A closed pipe (`memplan … | head`) is not an error.
             let _ = stdout
-                .write_all(out.as_bytes())
+                .write_all(out.text.as_bytes())
                 .and_then(|_| stdout.flush());
+            if out.does_not_fit {
+                std::process::exit(EXIT_DOES_NOT_FIT);
+            }
         }
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -35,8 +56,8 @@ fn main() {
     }
 }
 
-fn run(cli: Cli) -> Result<String> {
-    match cli.command {
+fn run(cli: Cli) -> Result<Outcome> {
+    let text = match cli.command {
         Command::Estimate(a) => {
             let resolved = a.job.resolve()?;
             let mut job = resolved.job;
@@ -44,10 +65,12 @@ fn run(cli: Cli) -> Result<String> {
             job.validate()?;
             match a.emit {
                 Some(cli::Emit::Deepspeed) => {
-                    return Ok(emit::deepspeed_config(&job, a.global_batch)?)
+                    return Ok(emit::deepspeed_config(&job, a.global_batch.map(u128::from))?.into())
                 }
                 Some(cli::Emit::Accelerate) => {
-                    return Ok(emit::accelerate_config(&job, a.global_batch)?)
+                    return Ok(
+                        emit::accelerate_config(&job, a.global_batch.map(u128::from))?.into(),
+                    )
                 }
                 None => {}
             }
@@ -62,8 +85,15 @@ fn run(cli: Cli) -> Result<String> {
                 .as_deref()
                 .map(|g| catalogue.resolve(g))
                 .transpose()?
-                .map(|g| gpu::fit(&est, &g));
-            Ok(report::render_estimate(
+                .map(|g| {
+                    let mut f = gpu::fit(&est, &g);
+                    if !f.fits {
+                        f.would_fit = plan::suggest(&job, &g, &profile)?;
+                    }
+                    Ok::<_, memplan::Error>(f)
+                })
+                .transpose()?;
+            let text = report::render_estimate(
                 &job,
                 &est,
                 fit.as_ref(),
@@ -71,13 +101,14 @@ fn run(cli: Cli) -> Result<String> {
                 resolved.checkpoint.as_ref(),
                 a.explain,
                 a.format.into(),
-            )?)
+            )?;
+            return Ok(Outcome {
+                text,
+                does_not_fit: a.check && fit.is_some_and(|f| !f.fits),
+            });
         }
-        Command::Models(a) => Ok(report::render_models(
-            model::presets::presets(),
-            a.format.into(),
-        )?),
-        Command::Gpus(a) => Ok(report::render_gpus(gpu::gpus(), a.format.into())?),
+        Command::Models(a) => report::render_models(model::presets::presets(), a.format.into())?,
+        Command::Gpus(a) => report::render_gpus(gpu::gpus(), a.format.into())?,
         Command::Probe(a) => {
             let report = memplan::probe::probe(&a.options()?)?;
             if let Some(path) = &a.save_calibration {
@@ -91,16 +122,13 @@ fn run(cli: Cli) -> Result<String> {
                 cli::ProbeFormat::Table => report::Format::Table,
                 cli::ProbeFormat::Json => report::Format::Json,
             };
-            Ok(report::render_probe(&report, format)?)
+            report::render_probe(&report, format)?
         }
         Command::Table(a) => {
             if !a.seed {
                 bail!("`memplan table` needs --seed (the rule-of-thumb comparison table)");
             }
-            Ok(report::render_seed(
-                &memplan::seed::seed_table()?,
-                a.format.into(),
-            )?)
+            report::render_seed(&memplan::seed::seed_table()?, a.format.into())?
         }
         Command::Chart(a) => {
             let (out, bytes) = match a.kind {
@@ -118,7 +146,7 @@ fn run(cli: Cli) -> Result<String> {
                     (s.out, c.render(format)?)
                 }
             };
-            write(&out, &bytes)
+            write(&out, &bytes)?
         }
         Command::Report(a) => {
             if OutputFormat::from_path(&a.out)? != OutputFormat::Html {
@@ -126,13 +154,13 @@ fn run(cli: Cli) -> Result<String> {
             }
             let gpus = cli::gpus(Some(&a.gpu))?;
             let page = report::html::review(&a.job.job()?, &gpus)?;
-            write(&a.out, page.as_bytes())
+            write(&a.out, page.as_bytes())?
         }
         Command::Fit(a) => {
             let gpu = Catalogue::load(a.gpu_file.as_deref())?.resolve(&a.gpu)?;
             let mut req = plan::FitRequest::new(a.base()?, gpu, pytorch_cuda());
             req.mfu = a.mfu;
-            Ok(report::render_fit(&plan::fit(&req)?, a.format.into())?)
+            report::render_fit(&plan::fit(&req)?, a.format.into())?
         }
         Command::Cost(a) => {
             let gpu = Catalogue::load(a.gpu_file.as_deref())?.resolve(&a.gpu)?;
@@ -150,9 +178,22 @@ fn run(cli: Cli) -> Result<String> {
                 attention_flops: !a.no_attention_flops,
                 dequant_overhead: !a.no_dequant_overhead,
             };
-            Ok(report::render_cost(&cost::cost(&req)?, a.format.into())?)
+            report::render_cost(&cost::cost(&req)?, a.format.into())?
         }
-    }
+        Command::Completions(a) => {
+            let mut buf = Vec::new();
+            clap_complete::generate(a.shell, &mut cli::Cli::command(), "memplan", &mut buf);
+            String::from_utf8(buf).context("completion script is UTF-8")?
+        }
+        Command::Man => {
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(cli::Cli::command())
+                .render(&mut buf)
+                .context("cannot render the man page")?;
+            String::from_utf8(buf).context("man page is UTF-8")?
+        }
+    };
+    Ok(text.into())
 }
 
 /// The one place a command writes a file; it prints where.

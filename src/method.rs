@@ -89,7 +89,7 @@ pub enum Loss {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Runtime {
-    /// PyTorch + transformers + peft + bitsandbytes on CUDA (what `../shared/groundtruth` ran).
+    /// PyTorch + transformers + peft + bitsandbytes on CUDA (what the H200 measurements in `tests/data/` ran).
     Pytorch,
 }
 

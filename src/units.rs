@@ -70,32 +70,67 @@ impl fmt::Display for Bytes {
     }
 }
 
-/// Parses a memory size: `24GB`, `24 GiB`, `80G`, `512MiB`, `1.5TB`, or a plain byte count.
-///
-/// `GB`/`G` are read as GiB-sized marketing units are not: GPU vendors quote `80GB` for 80 GiB-ish
-/// cards inconsistently, so `GB` and `GiB` are both taken as 2^30 here — the convention of
-/// `nvidia-smi` and of every GPU preset in `presets/gpus.toml`. `1e9`-based units: write `bytes`.
-pub fn parse_size(text: &str) -> Result<Bytes, Error> {
+/// Whether a size was written in decimal (GB = 10^9 B, as vendors label boards) or binary
+/// (GiB = 2^30 B, as nvidia-smi and PyTorch report) units; it is displayed in the same kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SizeUnit {
+    Decimal,
+    #[default]
+    Binary,
+}
+
+impl Bytes {
+    /// `24.00 GB` (decimal) or `22.35 GiB` (binary), two decimals.
+    pub fn display_in(self, unit: SizeUnit) -> String {
+        match unit {
+            SizeUnit::Decimal => format!("{:.2} GB", self.0 as f64 / 1e9),
+            SizeUnit::Binary => format!("{:.2} GiB", self.gib()),
+        }
+    }
+}
+
+/// Smallest and largest GPU memory `--gpu SIZE` accepts: 256 MiB (below any GPU that trains) to
+/// 64 TiB (over a hundred times the largest board, a 288 GB MI355X).
+pub const GPU_SIZE_MIN: u128 = 256 * MIB;
+pub const GPU_SIZE_MAX: u128 = 64 << 40;
+
+/// Parses a GPU memory size, which must carry its unit: `24GB`, `24 GB` (10^9 B), `80GiB`,
+/// `512MiB` (2^20 B), `1.5TB`, `2TiB`. A bare number (`24`) or bytes (`24B`, which `--model`
+/// reads as 24 billion parameters) is refused with a suggestion.
+pub fn parse_size(text: &str) -> Result<(Bytes, SizeUnit), Error> {
     let t = text.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| Error::InvalidSize(text.to_string()))?;
-    let mult = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" | "bytes" => 1,
-        "k" | "kb" | "kib" => KIB,
-        "m" | "mb" | "mib" => MIB,
-        "g" | "gb" | "gib" => GIB,
-        "t" | "tb" | "tib" => 1 << 40,
-        _ => return Err(Error::InvalidSize(text.to_string())),
+    let invalid = || Error::InvalidSize(text.to_string());
+    let value: f64 = num.parse().map_err(|_| invalid())?;
+    let (mult, kind) = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" | "bytes" => {
+            return Err(Error::InvalidValue {
+                flag: "--gpu",
+                value: text.to_string(),
+                expected: "a size with its unit, such as 24GB (10^9 bytes) or 24GiB (2^30 bytes)",
+            })
+        }
+        "mb" => (1e6, SizeUnit::Decimal),
+        "gb" | "g" => (1e9, SizeUnit::Decimal),
+        "tb" | "t" => (1e12, SizeUnit::Decimal),
+        "mib" => (MIB as f64, SizeUnit::Binary),
+        "gib" => (GIB as f64, SizeUnit::Binary),
+        "tib" => ((1u128 << 40) as f64, SizeUnit::Binary),
+        _ => return Err(invalid()),
     };
-    if !value.is_finite() || value <= 0.0 {
-        return Err(Error::InvalidSize(text.to_string()));
+    let bytes = value * mult;
+    if !(bytes.is_finite() && bytes >= GPU_SIZE_MIN as f64 && bytes <= GPU_SIZE_MAX as f64) {
+        return Err(Error::InvalidValue {
+            flag: "--gpu",
+            value: text.to_string(),
+            expected: "a GPU memory between 256MiB and 64TiB",
+        });
     }
-    Ok(Bytes((value * mult as f64).round() as u128))
+    Ok((Bytes(bytes.round() as u128), kind))
 }
 
 /// Parses a count with an optional SI suffix: `1.5B`, `70B`, `50M`, `2048`, `16k`.
@@ -124,14 +159,21 @@ mod tests {
     }
 
     #[test]
-    fn sizes_parse_in_binary_units() {
-        assert_eq!(parse_size("24GB").unwrap(), Bytes(24 * GIB));
-        assert_eq!(parse_size("24 GiB").unwrap(), Bytes(24 * GIB));
-        assert_eq!(parse_size("512MiB").unwrap(), Bytes(512 * MIB));
-        assert_eq!(parse_size("1.5G").unwrap(), Bytes(3 * GIB / 2));
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("0GB").is_err());
-        assert!(parse_size("24XB").is_err());
+    fn sizes_parse_in_the_units_written() {
+        let d = SizeUnit::Decimal;
+        let b = SizeUnit::Binary;
+        assert_eq!(parse_size("24GB").unwrap(), (Bytes(24_000_000_000), d));
+        assert_eq!(parse_size("24 GiB").unwrap(), (Bytes(24 * GIB), b));
+        assert_eq!(parse_size("512MiB").unwrap(), (Bytes(512 * MIB), b));
+        assert_eq!(parse_size("1.5TB").unwrap(), (Bytes(1_500_000_000_000), d));
+        assert_eq!(Bytes(24_000_000_000).display_in(d), "24.00 GB");
+        assert_eq!(Bytes(24_000_000_000).display_in(b), "22.35 GiB");
+        for bad in [
+            "lots", "0GB", "24XB", "24", "24B", "1e30GB", "100MB", "65TiB",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert!(parse_size("24").unwrap_err().to_string().contains("24GB"));
     }
 
     #[test]

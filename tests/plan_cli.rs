@@ -313,6 +313,7 @@ fn cost_json_is_six_n_d_for_full_fine_tuning() {
         "--mfu",
         "0.4",
         "--no-attention-flops",
+        "--no-grad-checkpointing",
     ]);
     // N = 8,030,261,248 − 525,336,576 (input embedding lookup) = 7,504,924,672.
     let flops = 6.0 * 7_504_924_672.0 * 150e6;
@@ -455,7 +456,7 @@ fn bad_input_gives_one_clear_error_each() {
     );
     fails_with(
         &["estimate", "--model", "8B", "--gpus", "2", "--zero", "5"],
-        "0, 1, 2 and 3",
+        "expects a ZeRO stage 0–3",
     );
 }
 

@@ -50,16 +50,11 @@ pub fn refusal(model_type: &str) -> Option<&'static str> {
     })
 }
 
-/// Largest value accepted for each kind of config field: about 16× what released models use,
-/// so a typo or a corrupt file is an error, never a 4 GB walk or a wrapped product.
+/// Largest value accepted for each config field: the table of [`crate::model::bounds`], at a
+/// few times what released models use, so a typo or a corrupt file is an error, never a 4 GB walk
+/// or a wrapped product.
 fn bound(field: &str) -> u128 {
-    match field {
-        "vocab_size" => 1 << 24,
-        "num_hidden_layers" => 1 << 12,
-        "num_local_experts" | "num_experts" | "n_routed_experts" => 1 << 14,
-        "num_attention_heads" | "num_key_value_heads" => 1 << 12,
-        _ => 1 << 20,
-    }
+    u128::from(crate::model::bounds::bound(field))
 }
 
 /// Typed, bounded access to a config object (`text_config` for multimodal wrappers).

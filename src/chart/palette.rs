@@ -78,6 +78,21 @@ pub const LINE_COLOURS: [Rgb; 7] = [
 /// GPU capacity lines.
 pub const CAPACITY: Rgb = Rgb(0xcc, 0x33, 0x11);
 
+/// One colour per GPU capacity line, drawn dashed so they never read as data (Tol's "bright"
+/// red, then dark shades that neither the component nor the line palettes use).
+pub const CAPACITY_COLOURS: [Rgb; 6] = [
+    CAPACITY,
+    Rgb(0x11, 0x11, 0x11), // black
+    Rgb(0x88, 0x22, 0x55), // wine
+    Rgb(0x00, 0x77, 0xbb), // Tol vibrant blue
+    Rgb(0xee, 0x77, 0x33), // Tol vibrant orange
+    Rgb(0x00, 0x99, 0x88), // Tol vibrant teal
+];
+
+pub fn capacity_colour(index: usize) -> Rgb {
+    CAPACITY_COLOURS[index % CAPACITY_COLOURS.len()]
+}
+
 pub fn line_colour(index: usize) -> Rgb {
     LINE_COLOURS[index % LINE_COLOURS.len()]
 }

@@ -9,7 +9,6 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::font;
 use super::output::OutputFormat;
-use super::palette::CAPACITY;
 use crate::error::Error;
 use crate::gpu::Gpu;
 use crate::units::Bytes;
@@ -91,44 +90,126 @@ pub(crate) fn text(size: f64, colour: RGBColor) -> TextStyle<'static> {
 /// Width of the strip right of a plot where capacity lines are labelled.
 pub(crate) const CAPACITY_STRIP: u32 = 190;
 
-/// Capacity lines, one per distinct memory size (GPUs of equal memory share a line), lowest
-/// first: (bytes, "a100-80gb, h100-80gb 80 GiB").
-pub(crate) fn capacity_lines(gpus: &[Gpu]) -> Vec<(Bytes, String)> {
-    let mut lines: Vec<(Bytes, Vec<&str>)> = Vec::new();
-    for g in gpus {
-        match lines.iter_mut().find(|(b, _)| *b == g.memory()) {
-            Some((_, names)) => names.push(&g.name),
-            None => lines.push((g.memory(), vec![&g.name])),
-        }
-    }
-    lines.sort_by_key(|(b, _)| *b);
+/// Capacity lines, one per GPU with its own colour, lowest first: (bytes, "a100-80gb 80.0 GiB",
+/// colour). Two GPUs of nearly equal memory (a100-80gb, h100-80gb) are two lines and two labels.
+pub(crate) fn capacity_lines(gpus: &[Gpu]) -> Vec<(Bytes, String, super::palette::Rgb)> {
+    let mut lines: Vec<(Bytes, String, super::palette::Rgb)> = gpus
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            (
+                g.memory(),
+                format!("{} ({})", g.name, g.memory_text()),
+                super::palette::capacity_colour(i),
+            )
+        })
+        .collect();
+    lines.sort_by_key(|(b, _, _)| *b);
     lines
-        .into_iter()
-        .map(|(b, names)| (b, format!("{} ({} GiB)", names.join(", "), gib_label(b))))
-        .collect()
 }
 
 /// Labels capacity lines in the strip starting at pixel `x`; `at` holds each label's pixel
-/// height, and labels closer than a line of text are pushed apart upwards.
+/// height and colour, and labels closer than a line of text are pushed apart upwards.
 pub(crate) fn draw_capacity_labels<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     x: i32,
-    at: &[(i32, String)],
+    at: &[(i32, String, super::palette::Rgb)],
 ) -> Result<(), String> {
-    let mut sorted: Vec<&(i32, String)> = at.iter().collect();
-    sorted.sort_by_key(|(y, _)| std::cmp::Reverse(*y));
+    let mut sorted: Vec<&(i32, String, super::palette::Rgb)> = at.iter().collect();
+    sorted.sort_by_key(|(y, _, _)| std::cmp::Reverse(*y));
     let mut prev = i32::MAX;
-    for (y, label) in sorted {
+    for (y, label, colour) in sorted {
         let y = (*y).min(prev.saturating_sub(17));
         prev = y;
         area.draw(&Text::new(
             label.clone(),
             (x, y),
-            text(14.0, CAPACITY.plotters()).pos(Pos::new(HPos::Left, VPos::Center)),
+            text(15.0, colour.plotters()).pos(Pos::new(HPos::Left, VPos::Center)),
         ))
         .map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// Text on a white box, so no line drawn before it runs through it.
+pub(crate) fn backed_text<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    label: &str,
+    (x, y): (i32, i32),
+    style: &TextStyle,
+) -> Result<(), String> {
+    let (w, h) = area
+        .estimate_text_size(label, style)
+        .map_err(|e| e.to_string())?;
+    let (w, h) = (w as i32, h as i32);
+    let left = match style.pos.h_pos {
+        HPos::Left => x,
+        HPos::Center => x - w / 2,
+        HPos::Right => x - w,
+    };
+    let top = match style.pos.v_pos {
+        VPos::Top => y,
+        VPos::Center => y - h / 2,
+        VPos::Bottom => y - h,
+    };
+    area.draw(&Rectangle::new(
+        [(left - 3, top - 2), (left + w + 3, top + h + 2)],
+        WHITE.filled(),
+    ))
+    .map_err(|e| e.to_string())?;
+    area.draw(&Text::new(label.to_string(), (x, y), style.clone()))
+        .map_err(|e| e.to_string())
+}
+
+/// The settings every job of a chart shares, and those that differ joined by `/`:
+/// `batch 1 × 2048 tokens · weights bf16/nf4 · sdpa · adamw · checkpointing on · LoRA r16`.
+pub fn settings_line(jobs: &[crate::method::Job]) -> String {
+    fn each<T: PartialEq + std::fmt::Display>(
+        jobs: &[crate::method::Job],
+        f: impl Fn(&crate::method::Job) -> T,
+    ) -> String {
+        let mut seen: Vec<T> = Vec::new();
+        for j in jobs {
+            let v = f(j);
+            if !seen.contains(&v) {
+                seen.push(v);
+            }
+        }
+        seen.iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+    use crate::method::Method;
+    let training: Vec<crate::method::Job> = jobs
+        .iter()
+        .filter(|j| j.method != Method::Inference)
+        .cloned()
+        .collect();
+    let mut parts = vec![
+        format!("weights {}", each(jobs, |j| j.weights)),
+        format!("compute {}", each(jobs, |j| j.compute)),
+        format!("{} attention", each(jobs, |j| j.attention)),
+    ];
+    if !training.is_empty() {
+        parts.push(format!("optimizer {}", each(&training, |j| j.optimizer)));
+        parts.push(format!(
+            "checkpointing {}",
+            each(&training, |j| if j.grad_checkpointing {
+                "on"
+            } else {
+                "off"
+            })
+        ));
+    }
+    let lora: Vec<crate::method::Job> = jobs.iter().filter(|j| j.lora.is_some()).cloned().collect();
+    if !lora.is_empty() {
+        parts.push(format!(
+            "LoRA r{}",
+            each(&lora, |j| j.lora.as_ref().map_or(0, |l| l.rank))
+        ));
+    }
+    parts.join(" · ")
 }
 
 /// `12.3` GiB for labels.
@@ -193,9 +274,12 @@ mod tests {
             .map(|g| crate::gpu::resolve_gpu(g).unwrap())
             .collect();
         let lines = capacity_lines(&gpus);
-        assert_eq!(lines.len(), 2);
-        assert_eq!(lines[0].1, format!("rtx-4090, {same} (24.0 GiB)"));
-        assert_eq!(lines[1].0, gpus[0].memory());
+        // One line, label and colour per GPU, even for equal memory.
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0].1, "rtx-4090 (23.99 GiB)");
+        assert_eq!(lines[1].1, format!("{same} (23.99 GiB)"));
+        assert_ne!(lines[0].2, lines[1].2);
+        assert_eq!(lines[2].0, gpus[0].memory());
         assert_eq!(gib_label(Bytes(3 << 29)), "1.5");
     }
 }

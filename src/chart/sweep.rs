@@ -8,7 +8,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::crossing::{max_fitting, Reach, SweepAxis};
-use super::palette::{line_colour, CAPACITY};
+use super::palette::line_colour;
 use super::render::{
     capacity_lines, count_label, draw_capacity_labels, text, thousands, Chart, CAPACITY_STRIP,
 };
@@ -55,11 +55,19 @@ pub struct Line {
 #[derive(Debug, Clone)]
 pub struct SweepChart {
     pub title: String,
+    /// The job settings the lines share (and those that differ, joined by `/`).
+    pub settings: String,
     pub axis: SweepAxis,
     pub xs: Vec<u128>,
     pub lines: Vec<Line>,
     pub gpus: Vec<Gpu>,
+    /// Width of the plot itself in pixels (the report draws a narrower one, so its text stays
+    /// legible on the page).
+    pub plot_width: u32,
 }
+
+/// Default width of a sweep's plot, pixels.
+pub const PLOT_WIDTH: u32 = 1000;
 
 /// Builds a sweep: `jobs` (one per model × method) against `seqs` or `batches`, whichever has
 /// several values (sequence length when both do; then one line per batch size).
@@ -149,10 +157,12 @@ pub fn sweep(
     };
     Ok(SweepChart {
         title,
+        settings: super::render::settings_line(jobs),
         axis,
         xs: xs.to_vec(),
         lines,
         gpus: gpus.to_vec(),
+        plot_width: PLOT_WIDTH,
     })
 }
 
@@ -172,7 +182,16 @@ fn crossing(job: &Job, axis: SweepAxis, lo: u128, hi: u128, gpu: &Gpu) -> Result
     let unit = axis.unit();
     let (text, at_bytes) = match reach {
         Reach::UpTo(v) => (
-            format!("fits up to {} {unit} on {}", thousands(v), gpu.name),
+            format!(
+                "fits up to {} {} on {}",
+                thousands(v),
+                if v == 1 {
+                    unit.trim_end_matches('s')
+                } else {
+                    unit
+                },
+                gpu.name
+            ),
             Some(estimate(&axis.at(job, v))?.device_bytes),
         ),
         Reach::Whole => (
@@ -254,7 +273,6 @@ impl SweepChart {
             * 1.08;
         let (lo, hi) = (self.xs[0] as f64, self.xs[self.xs.len() - 1] as f64);
         let mut chart = ChartBuilder::on(area)
-            .caption(&self.title, text(20.0, BLACK))
             .margin(12)
             .margin_right(CAPACITY_STRIP)
             .x_label_area_size(48)
@@ -276,25 +294,29 @@ impl SweepChart {
             .y_desc("GiB (device memory, as nvidia-smi shows it)")
             .y_label_formatter(&|v| format!("{v:.0}"))
             .x_label_formatter(&|v| count_label(*v))
-            .axis_desc_style(text(14.0, BLACK))
-            .label_style(text(13.0, BLACK))
+            .axis_desc_style(text(15.0, BLACK))
+            .label_style(text(15.0, BLACK))
             .draw()
             .map_err(|e| e.to_string())?;
 
         let mut labels = Vec::new();
-        for (bytes, label) in capacity_lines(&self.gpus) {
+        for (bytes, label, colour) in capacity_lines(&self.gpus) {
             let y = bytes.gib();
             chart
                 .draw_series(DashedLineSeries::new(
                     [(lo, y), (hi, y)],
                     8,
                     5,
-                    CAPACITY.plotters().stroke_width(2),
+                    colour.plotters().stroke_width(2),
                 ))
                 .map_err(|e| e.to_string())?;
-            labels.push((chart.backend_coord(&(hi, y)).1, label));
+            labels.push((
+                super::breakdown::local(area, chart.backend_coord(&(hi, y))).1,
+                label,
+                colour,
+            ));
         }
-        let strip_x = chart.backend_coord(&(hi, 0.0)).0 + 8;
+        let strip_x = super::breakdown::local(area, chart.backend_coord(&(hi, 0.0))).0 + 8;
         draw_capacity_labels(area, strip_x, &labels)?;
         for (i, line) in self.lines.iter().enumerate() {
             let colour = line_colour(i).plotters();
@@ -327,7 +349,7 @@ impl SweepChart {
         area.draw(&Text::new(
             "● largest value that fits, to the token",
             (8, y),
-            text(13.0, BLACK).pos(Pos::new(HPos::Left, VPos::Top)),
+            text(14.0, BLACK).pos(Pos::new(HPos::Left, VPos::Top)),
         ))
         .map_err(|e| e.to_string())?;
         y += 30;
@@ -363,16 +385,34 @@ impl SweepChart {
 impl Chart for SweepChart {
     fn size(&self) -> (u32, u32) {
         let legend_h = 90 + 30 * self.legend_rows() as u32;
-        (1000 + CAPACITY_STRIP + LEGEND_W, legend_h.max(620))
+        (
+            self.plot_width + CAPACITY_STRIP + LEGEND_W,
+            legend_h.max(620) + 64,
+        )
     }
 
     fn title(&self) -> String {
-        self.title.clone()
+        format!("{} ({})", self.title, self.settings)
     }
 
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<(), String> {
         let (w, _) = self.size();
-        let (plot, legend) = root.split_horizontally(w - LEGEND_W);
+        let (header, body) = root.split_vertically(64);
+        header
+            .draw(&Text::new(
+                self.title.clone(),
+                (16, 10),
+                text(20.0, BLACK).pos(Pos::new(HPos::Left, VPos::Top)),
+            ))
+            .map_err(|e| e.to_string())?;
+        header
+            .draw(&Text::new(
+                self.settings.clone(),
+                (16, 38),
+                text(15.0, BLACK).pos(Pos::new(HPos::Left, VPos::Top)),
+            ))
+            .map_err(|e| e.to_string())?;
+        let (plot, legend) = body.split_horizontally(w - LEGEND_W);
         let (lo, hi) = (self.xs[0] as f64, self.xs[self.xs.len() - 1] as f64);
         // A single point still gets an axis around it.
         let hi = if hi > lo { hi } else { lo + 1.0 };

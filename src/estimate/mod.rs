@@ -229,8 +229,8 @@ pub fn oom_check(est: &Estimate, device_bytes: u128) -> OomCheck {
 }
 
 /// The measured error of the allocator replay (book: Allocator).
-pub const ACCURACY_RESERVED: &str =
-    "simulated caching allocator: peak reserved within a median 0.1% of the H200 measurements (see the book's allocator chapter for the worst cases)";
+/// The `allocator_reserve` accuracy note: one figure for every output (`crate::accuracy`).
+pub const ACCURACY_RESERVED: &str = crate::accuracy::RESERVED_ACCURACY;
 const ACCURACY_ALLOCATOR: &str = "exact rule of the caching allocator (block sizes)";
 
 /// The timeline's events as the allocator replay takes them; phases named as the groundtruth
@@ -995,7 +995,7 @@ fn finish(
             alloc_events.len()
         ),
         allocated: false,
-        accuracy: ACCURACY_RESERVED,
+        accuracy: crate::accuracy::RESERVED_ACCURACY,
     });
     if sh.optimizer_paged > 0 {
         components.push(Component {

@@ -3,7 +3,7 @@
 //! - cuBLAS workspace: PyTorch keeps one workspace per (handle, stream); the forward runs on the
 //!   main thread and the backward on autograd's device thread, so a step holds two. On Hopper
 //!   each is 32 MiB (`CUBLAS_WORKSPACE_CONFIG` default `:4096:8`): `base_alloc` = 64 MiB in
-//!   `../shared/groundtruth` (inside `max_memory_allocated`).
+//!   the H200 measurements, `tests/data/h200-pytorch.jsonl` (inside `max_memory_allocated`).
 //! - CUDA context: 648,871,936 B on the H200 with driver 580 / CUDA 13 (NVML used memory before
 //!   and after `torch.cuda.init()`, groundtruth `meta.context`); outside the allocator. It varies
 //!   with GPU, driver and loaded kernels (typically 0.3–0.9 GiB); `--calibration` overrides it.
@@ -27,8 +27,11 @@ pub struct RuntimeProfile {
 }
 
 /// Measured overheads written by `memplan probe --save-calibration` and read by
-/// `memplan estimate --calibration`. Absent fields keep the profile's value.
+/// `memplan estimate --calibration`. Absent fields keep the profile's value, but a file must set
+/// at least one number, and a key it does not know (a misspelling) is an error rather than
+/// silently running on the defaults.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Calibration {
     /// Where the numbers were measured (GPU name, driver).
     pub source: Option<String>,
@@ -38,14 +41,34 @@ pub struct Calibration {
 
 impl Calibration {
     pub fn load(path: &Path) -> Result<Calibration, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        let text =
+            crate::files::read_input(path, "calibration file", crate::files::MAX_INPUT_BYTES)?;
+        Calibration::parse(&text).map_err(|message| Error::BadCalibration {
             path: path.to_path_buf(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| Error::BadConfig {
-            path: path.to_path_buf(),
-            message: e.to_string(),
+            message,
         })
+    }
+
+    /// Parses a calibration TOML text; the error is one line, reason first.
+    pub fn parse(text: &str) -> Result<Calibration, String> {
+        let cal: Calibration =
+            toml::from_str(text).map_err(|e| crate::error::toml_error_line(&e, text))?;
+        if cal.cuda_context_bytes.is_none() && cal.workspace_bytes.is_none() {
+            return Err(
+                "sets neither cuda_context_bytes nor workspace_bytes (write it with `memplan probe --save-calibration FILE`)"
+                    .into(),
+            );
+        }
+        // A CUDA context or cuBLAS workspace beyond 64 GiB is no measurement of either.
+        for (name, v) in [
+            ("cuda_context_bytes", cal.cuda_context_bytes),
+            ("workspace_bytes", cal.workspace_bytes),
+        ] {
+            if v.is_some_and(|b| b > 64 << 30) {
+                return Err(format!("{name} = {} is beyond 64 GiB", v.unwrap_or(0)));
+            }
+        }
+        Ok(cal)
     }
 
     pub fn to_toml(&self) -> String {
@@ -69,7 +92,7 @@ impl RuntimeProfile {
     }
 }
 
-/// PyTorch 2.11 on an H200 (`../shared/groundtruth/h200-pytorch.jsonl`, `meta`).
+/// PyTorch 2.11 on an H200 (`tests/data/h200-pytorch.jsonl`, `meta`).
 pub fn pytorch_cuda() -> RuntimeProfile {
     RuntimeProfile {
         name: "pytorch-cuda".into(),
@@ -94,5 +117,18 @@ mod tests {
         let p = pytorch_cuda().calibrated(&cal);
         assert_eq!(p.cuda_context_bytes, 500_000_000);
         assert_eq!(p.workspace_bytes, 64 * MIB);
+    }
+
+    #[test]
+    fn empty_files_unknown_keys_and_syntax_errors_are_one_line() {
+        let e = Calibration::parse("").unwrap_err();
+        assert!(e.contains("sets neither"), "{e}");
+        let e = Calibration::parse("cuda_context_byte = 5\n").unwrap_err();
+        assert!(e.starts_with("unknown field `cuda_context_byte`"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        let e = Calibration::parse("source = \"x\"\ncuda_context_bytes 5\n").unwrap_err();
+        assert!(e.ends_with("(line 2, column 20)"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        assert!(Calibration::parse("workspace_bytes = 1099511627776").is_err());
     }
 }

@@ -33,7 +33,7 @@ impl HfConfig {
         } else {
             path.to_path_buf()
         };
-        let text = crate::error::read_regular_file(&file, MAX_CONFIG_BYTES)?;
+        let text = crate::files::read_input(&file, "config.json", MAX_CONFIG_BYTES)?;
         let raw: Value = serde_json::from_str(&text).map_err(|e| Error::BadConfig {
             path: file.clone(),
             message: e.to_string(),

@@ -8,8 +8,10 @@
 //! a router (h→E), two RMSNorm weights (h each; Qwen3 adds q/k norms of head_dim); a final norm
 //! (h); and an lm_head (V·h) unless tied to the embedding.
 
+pub mod bounds;
 pub mod config;
 pub mod presets;
+pub mod size;
 
 use serde::Serialize;
 

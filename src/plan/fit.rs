@@ -116,6 +116,8 @@ pub struct FitReport {
     pub model: String,
     pub gpu: String,
     pub gpu_bytes: Bytes,
+    /// The GPU's memory as written (`24.00 GB` for `--gpu 24GB`, GiB for presets).
+    pub gpu_memory: String,
     pub gpus: u128,
     pub seq: u128,
     pub plans: Vec<Plan>,
@@ -227,7 +229,7 @@ fn dominant(est: &Estimate, have: u128) -> (String, String) {
             let reason = if rest < have {
                 // What the GPU leaves for this component once everything else is placed.
                 format!(
-                    "{} {:.1} GiB > {:.1} GiB free (needs {:.1} of {:.1} GiB)",
+                    "{} {:.2} GiB > {:.2} GiB free (needs {:.2} of {:.2} GiB)",
                     c.name,
                     c.bytes.gib(),
                     Bytes(have - rest).gib(),
@@ -236,7 +238,7 @@ fn dominant(est: &Estimate, have: u128) -> (String, String) {
                 )
             } else {
                 format!(
-                    "needs {:.1} GiB > {:.1} GiB; largest part: {} {:.1} GiB (the rest alone is {:.1} GiB)",
+                    "needs {:.2} GiB > {:.2} GiB; largest part: {} {:.2} GiB (the rest alone is {:.2} GiB)",
                     est.device_bytes.gib(),
                     Bytes(have).gib(),
                     c.name,
@@ -248,6 +250,93 @@ fn dominant(est: &Estimate, have: u128) -> (String, String) {
         }
         None => (String::new(), "no component".into()),
     }
+}
+
+/// What would fit when a job does not: the flags to change.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Suggestion {
+    pub method: Method,
+    #[serde(serialize_with = "as_flag")]
+    pub optimizer: Optimizer,
+    pub grad_checkpointing: bool,
+    pub batch: u128,
+    pub device_bytes: Bytes,
+    /// The flags that differ from the job, e.g. `--method qlora --batch 2`.
+    pub flags: String,
+}
+
+/// For a job that does not fit `gpu`: its own settings at the largest micro-batch that fits, or
+/// else the best-ranked plan of [`fit`] (method, optimizer, checkpointing) at the job's batch or
+/// the plan's largest, whichever is smaller. `None` when no plan fits at the job's sequence length.
+pub fn suggest(
+    job: &Job,
+    gpu: &Gpu,
+    profile: &RuntimeProfile,
+) -> Result<Option<Suggestion>, Error> {
+    let mut req = FitRequest::new(job.clone(), gpu.clone(), profile.clone());
+    let have = gpu.memory().0;
+    let mut s = Searcher {
+        req: &req,
+        have,
+        evaluated: 0,
+    };
+    let mut one = job.clone();
+    one.batch = 1;
+    let flags = |method: Method, optimizer: Optimizer, ckpt: bool, batch: u128| {
+        let mut f = Vec::new();
+        if method != job.method {
+            f.push(format!("--method {method}"));
+        }
+        if optimizer != job.optimizer {
+            f.push(format!("--optimizer {optimizer}"));
+        }
+        if ckpt != job.grad_checkpointing {
+            f.push(
+                if ckpt {
+                    "--grad-checkpointing"
+                } else {
+                    "--no-grad-checkpointing"
+                }
+                .to_string(),
+            );
+        }
+        if batch != job.batch {
+            f.push(format!("--batch {batch}"));
+        }
+        f.join(" ")
+    };
+    if job.batch > 1 && s.fits(&one)? {
+        let batch = s.largest(&one, job.batch - 1, |j, x| j.batch = x)?;
+        let mut at = one.clone();
+        at.batch = batch;
+        return Ok(Some(Suggestion {
+            method: job.method,
+            optimizer: job.optimizer,
+            grad_checkpointing: job.grad_checkpointing,
+            batch,
+            device_bytes: s.estimate(&at)?.device_bytes,
+            flags: flags(job.method, job.optimizer, job.grad_checkpointing, batch),
+        }));
+    }
+    if job.method == Method::Inference {
+        return Ok(None);
+    }
+    req.methods = vec![Method::Full, Method::Lora, Method::Qlora];
+    let report = fit(&req)?;
+    let Some(best) = report.plans.first() else {
+        return Ok(None);
+    };
+    let batch = best.max_batch.min(job.batch);
+    let mut at = variant(job, best.method, best.optimizer, best.grad_checkpointing);
+    at.batch = batch;
+    Ok(Some(Suggestion {
+        method: best.method,
+        optimizer: best.optimizer,
+        grad_checkpointing: best.grad_checkpointing,
+        batch,
+        device_bytes: estimate_with(&at, profile)?.device_bytes,
+        flags: flags(best.method, best.optimizer, best.grad_checkpointing, batch),
+    }))
 }
 
 /// Step throughput in tokens/s for `job` at micro-batch `batch` on all GPUs.
@@ -275,10 +364,11 @@ fn throughput(req: &FitRequest, job: &Job, gpus: u128) -> (u128, Option<f64>) {
 
 /// Runs the search.
 pub fn fit(req: &FitRequest) -> Result<FitReport, Error> {
-    if !(req.mfu.is_finite() && req.mfu > 0.0 && req.mfu <= 1.0) {
+    let (min_mfu, max_mfu) = crate::cost::input_bounds("--mfu");
+    if !(req.mfu.is_finite() && req.mfu >= min_mfu && req.mfu <= max_mfu) {
         return Err(Error::Unsupported(format!(
-            "--mfu {}: utilization is a fraction of peak in (0, 1]",
-            req.mfu
+            "--mfu {}: utilization is a fraction of peak between {min_mfu} and {max_mfu}",
+            crate::cost::number_text(req.mfu)
         )));
     }
     let have = req.gpu.memory().0;
@@ -335,8 +425,11 @@ pub fn fit(req: &FitRequest) -> Result<FitReport, Error> {
                     max_batch,
                     max_seq,
                     peak_allocated_bytes: e.peak_allocated_bytes,
-                    device_bytes: e.device_bytes,
-                    // The margin left at the tightest moment of the step replayed at capacity.
+                    // At the card's capacity: what the device holds at the tightest moment of the
+                    // replayed step, and the margin left then (they add up to the card).
+                    device_bytes: Bytes(
+                        have - crate::estimate::oom_check(&e, have).min_headroom_bytes.0,
+                    ),
                     headroom_bytes: crate::estimate::oom_check(&e, have).min_headroom_bytes,
                     headroom_at_batch1_bytes: crate::estimate::oom_check(&at1, have)
                         .min_headroom_bytes,
@@ -379,6 +472,7 @@ pub fn fit(req: &FitRequest) -> Result<FitReport, Error> {
         model: req.base.model.name.clone(),
         gpu: req.gpu.name.clone(),
         gpu_bytes: Bytes(have),
+        gpu_memory: req.gpu.memory_text(),
         gpus,
         seq: req.base.seq,
         plans,

@@ -5,4 +5,4 @@
 pub mod emit;
 pub mod fit;
 
-pub use fit::{fit, FitReport, FitRequest, Plan, Rejected};
+pub use fit::{fit, suggest, FitReport, FitRequest, Plan, Rejected, Suggestion};

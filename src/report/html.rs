@@ -11,27 +11,17 @@ use crate::gpu::{fit, Gpu};
 use crate::method::Job;
 use crate::units::Bytes;
 
-/// How the estimator's accuracy was measured; the figures follow, from the book.
+/// How the estimator's accuracy was measured; the figures follow.
 const VALIDATION_SETUP: &str = "Peak allocated memory (torch.cuda.max_memory_allocated) was compared with 75 training steps measured on one NVIDIA H200 (PyTorch 2.11, transformers 5.17, peft 0.21, bitsandbytes 0.50.2; full bf16 and fp32-AMP, LoRA and QLoRA on Llama 3.2 1B/3B, Llama 3.1 8B and a Mistral-7B-like config; several batch sizes, sequence lengths, optimizers, SDPA and eager attention, with and without checkpointing). The CUDA context was measured on that GPU and driver only. Per-case table: the book's Validation chapter (book/src/validation.md) and tests/data/ in the memplan repository.";
 
-/// The book's validation chapter, which `cargo test --test groundtruth -- --nocapture`
-/// regenerates; its "Result:" paragraph is quoted in the report, so the page never states
-/// older figures than the book.
-const VALIDATION_BOOK: &str = include_str!("../../book/src/validation.md");
-
-/// The "Result: …" paragraph of the validation chapter, without Markdown emphasis.
-fn validation_result() -> Option<String> {
-    let start = VALIDATION_BOOK.find("Result:")?;
-    let para = VALIDATION_BOOK[start..].split("\n\n").next()?;
-    Some(para.replace("**", "").replace('\n', " "))
-}
-
-/// What the report says about accuracy.
+/// What the report says about accuracy: the figures of [`crate::accuracy`], which the book and
+/// `--explain` quote too.
 pub fn validation_summary() -> String {
-    match validation_result() {
-        Some(result) => format!("{VALIDATION_SETUP} {result}"),
-        None => VALIDATION_SETUP.to_string(),
-    }
+    format!(
+        "{VALIDATION_SETUP} Result: peak allocated {}; peak reserved (approximate) {}.",
+        crate::accuracy::ALLOCATED_SUMMARY,
+        crate::accuracy::RESERVED_SUMMARY
+    )
 }
 
 const CSS: &str = "
@@ -43,7 +33,11 @@ td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 .swatch{display:inline-block;width:.9em;height:.9em;margin-right:.4em;vertical-align:-.1em;border:1px solid #555;-webkit-print-color-adjust:exact;print-color-adjust:exact}
 .fits{color:#0a6b2b;font-weight:bold}.nofit{color:#b00020;font-weight:bold}
 figure{margin:1rem 0}svg{max-width:100%;height:auto}
-.scroll{overflow-x:auto}
+.scroll{overflow-x:auto;-webkit-overflow-scrolling:touch}
+.chart{overflow-x:auto}.chart svg{width:100%;min-width:760px;max-width:none}
+pre{white-space:pre-wrap;word-break:break-all;font-size:.8rem}
+td.num,th.num{white-space:nowrap}#breakdown td:first-child{white-space:nowrap}#breakdown td:last-child{min-width:14rem}#fit td:last-child{min-width:16rem}
+@media (max-width:600px){body{padding:.5rem}table{font-size:.85rem}th,td{padding:.2rem .35rem}h1{font-size:1.2rem}.bytes{display:none}}
 small,.note{color:#444}
 @media print{body{max-width:none;font-size:10pt}h2{break-after:avoid}figure,table{break-inside:avoid}}
 ";
@@ -99,15 +93,21 @@ pub fn review(job: &Job, gpus: &[Gpu]) -> Result<String, Error> {
     check_value("--seq", job.seq)?;
     let bars: BreakdownChart = breakdown(std::slice::from_ref(job), gpus)?;
     let est = &bars.bars[0].estimate;
-    let sweep_chart = sweep(
+    let mut sweep_chart = sweep(
         std::slice::from_ref(job),
         &review_seqs(job.seq),
         &[job.batch],
         gpus,
     )?;
+    // A narrower plot, so the chart's text is near its drawn size on a 1,100 px page.
+    sweep_chart.plot_width = 560;
     let title = format!(
-        "Capacity review: {} {} fine-tuning, batch {} × {} tokens",
-        est.model.name, job.method, job.batch, job.seq
+        "Capacity review: {} {} fine-tuning, batch {} × {} tokens, checkpointing {}",
+        est.model.name,
+        job.method,
+        job.batch,
+        job.seq,
+        if job.grad_checkpointing { "on" } else { "off" }
     );
     let mut b = String::new();
     b += &format!("<h1>{}</h1>\n", escape(&title));
@@ -116,16 +116,16 @@ pub fn review(job: &Job, gpus: &[Gpu]) -> Result<String, Error> {
         env!("CARGO_PKG_VERSION"),
         escape(est.peak_phase)
     );
-    b += &verdicts(est, gpus);
+    b += &verdicts(job, est, gpus)?;
     b += &inputs(job, est)?;
     b += &breakdown_table(est);
     b += "<h2>Charts</h2>\n";
     b += &format!(
-        "<figure id=\"breakdown-chart\">{}<figcaption>Where the memory goes at the step's peak; the bar's height is the device total.</figcaption></figure>\n",
+        "<figure id=\"breakdown-chart\"><div class=\"chart\">{}</div><figcaption>Where the memory goes at the step's peak; the bar's height is the device total.</figcaption></figure>\n",
         inline_svg(&svg(&bars)?)
     );
     b += &format!(
-        "<figure id=\"sweep-chart\">{}<figcaption>Device memory against sequence length at batch {}; ringed: the longest sequence that fits each GPU, found by binary search on the estimator.</figcaption></figure>\n",
+        "<figure id=\"sweep-chart\"><div class=\"chart\">{}</div><figcaption>Device memory against sequence length at batch {}; ringed: the longest sequence that fits each GPU, found by binary search on the estimator.</figcaption></figure>\n",
         inline_svg(&svg(&sweep_chart)?),
         job.batch
     );
@@ -163,55 +163,109 @@ fn gib(b: Bytes) -> String {
     format!("{:.2}", b.gib())
 }
 
-fn verdicts(est: &Estimate, gpus: &[Gpu]) -> String {
+fn verdicts(job: &Job, est: &Estimate, gpus: &[Gpu]) -> Result<String, Error> {
     let mut s = String::from("<h2>Fit</h2>\n");
     if gpus.is_empty() {
         s += "<p>No GPU given (<code>--gpu h100-80gb,rtx-4090</code>).</p>\n";
-        return s;
+        return Ok(s);
     }
-    s += "<div class=\"scroll\"><table id=\"fit\">\n<tr><th>GPU</th><th class=\"num\">memory GiB</th><th class=\"num\">needs GiB</th><th>verdict</th><th class=\"num\">headroom GiB</th><th class=\"num\">used</th></tr>\n";
+    s += "<div class=\"scroll\"><table id=\"fit\">\n<tr><th>GPU</th><th class=\"num\">memory</th><th class=\"num\">needs GiB</th><th>verdict</th><th class=\"num\">headroom GiB</th><th class=\"num\">used</th><th>what would fit</th></tr>\n";
     for g in gpus {
-        let f = fit(est, g);
+        let mut f = fit(est, g);
+        if !f.fits {
+            f.would_fit = crate::plan::suggest(job, g, &crate::estimate::runtime::pytorch_cuda())?;
+        }
         s += &format!(
-            "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"{}\">{}</td><td class=\"num\">{:.2}</td><td class=\"num\">{:.1}%</td></tr>\n",
+            "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"{}\">{}</td><td class=\"num\">{:.2}</td><td class=\"num\">{:.1}%</td><td>{}</td></tr>\n",
             escape(&g.name),
-            gib(f.gpu_bytes),
+            escape(&f.gpu_memory),
             gib(est.device_bytes),
             if f.fits { "fits" } else { "nofit" },
             if f.fits { "fits" } else { "does not fit" },
             f.headroom_bytes as f64 / (1u64 << 30) as f64,
-            f.utilization_pct
+            f.utilization_pct,
+            match &f.would_fit {
+                Some(w) => format!("<code>{}</code> ({})", escape(&w.flags), escape(&w.device_bytes.to_string())),
+                None if f.fits => String::new(),
+                None => "no plan at this sequence length".into(),
+            }
         );
     }
-    s += "</table></div>\n<p class=\"note\">A job fits when the device total (peak reserved by PyTorch's caching allocator + CUDA context + paged optimizer state) is at most the GPU's memory.</p>\n";
-    s
+    s += "</table></div>\n<p class=\"note\">A job fits when the device total (peak reserved by PyTorch's caching allocator + CUDA context + paged optimizer state) is at most the GPU's memory. What would fit: the flags to change, from <code>memplan fit</code>'s best plan (or a smaller batch).</p>\n";
+    Ok(s)
 }
 
 fn inputs(job: &Job, est: &Estimate) -> Result<String, Error> {
+    let mut rows: Vec<(&str, String)> = vec![
+        (
+            "model",
+            format!(
+                "{} ({} parameters, {} trainable; {} layers, hidden {}, vocabulary {})",
+                est.model.name,
+                thousands(est.model.params_total),
+                thousands(est.model.params_trainable),
+                job.model.layers,
+                job.model.hidden,
+                job.model.vocab
+            ),
+        ),
+        ("method", job.method.to_string()),
+        ("base weights", job.weights.to_string()),
+        ("compute (autocast)", job.compute.to_string()),
+        (
+            "micro-batch × sequence",
+            format!("{} × {} tokens", job.batch, thousands(job.seq)),
+        ),
+        ("attention kernel", job.attention.to_string()),
+    ];
+    if job.method != crate::method::Method::Inference {
+        rows.push(("optimizer", job.optimizer.to_string()));
+        rows.push((
+            "gradient checkpointing",
+            if job.grad_checkpointing { "on" } else { "off" }.into(),
+        ));
+    }
+    if let Some(l) = &job.lora {
+        rows.push((
+            "LoRA",
+            format!(
+                "rank {} on {}, dropout {}",
+                l.rank,
+                if l.targets == crate::method::all_linear() {
+                    "all linear layers (all-linear)".to_string()
+                } else {
+                    l.targets
+                        .iter()
+                        .map(|t| t.module_name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+                l.dropout
+            ),
+        ));
+    }
+    if job.method == crate::method::Method::Qlora {
+        rows.push((
+            "double quantization",
+            if job.double_quant { "on" } else { "off" }.into(),
+        ));
+        rows.push((
+            "prepare_model_for_kbit_training",
+            if job.kbit_prep { "yes" } else { "no" }.into(),
+        ));
+    }
+    if let Some(sh) = &job.sharding {
+        rows.push((
+            "sharding",
+            format!(
+                "{} over {} GPU(s), offload {}",
+                sh.engine, sh.gpus, sh.offload
+            ),
+        ));
+    }
     let mut s = String::from("<h2>Inputs</h2>\n<div class=\"scroll\"><table id=\"inputs\">\n");
-    s += &format!(
-        "<tr><th>model</th><td>{} ({} parameters, {} trainable; {} layers, hidden {}, vocab {})</td></tr>\n",
-        escape(&est.model.name),
-        thousands(est.model.params_total),
-        thousands(est.model.params_trainable),
-        job.model.layers,
-        job.model.hidden,
-        job.model.vocab
-    );
-    let value = serde_json::to_value(job).map_err(|e| Error::Unsupported(e.to_string()))?;
-    if let Some(fields) = value.as_object() {
-        for (k, v) in fields.iter().filter(|(k, _)| k.as_str() != "model") {
-            let shown = match v {
-                serde_json::Value::String(s) => s.clone(),
-                serde_json::Value::Null => "—".into(),
-                v => v.to_string(),
-            };
-            s += &format!(
-                "<tr><th>{}</th><td>{}</td></tr>\n",
-                escape(k),
-                escape(&shown)
-            );
-        }
+    for (k, v) in rows {
+        s += &format!("<tr><th>{}</th><td>{}</td></tr>\n", escape(k), escape(&v));
     }
     s += "</table></div>\n";
     Ok(s)
@@ -219,7 +273,7 @@ fn inputs(job: &Job, est: &Estimate) -> Result<String, Error> {
 
 fn breakdown_table(est: &Estimate) -> String {
     let peak = est.peak_allocated_bytes.0.max(1) as f64;
-    let mut s = String::from("<h2>Breakdown at the peak</h2>\n<div class=\"scroll\"><table id=\"breakdown\">\n<tr><th>component</th><th class=\"num\">bytes</th><th class=\"num\">GiB</th><th class=\"num\">% of peak allocated</th><th>accuracy</th></tr>\n");
+    let mut s = String::from("<h2>Breakdown at the peak</h2>\n<div class=\"scroll\"><table id=\"breakdown\">\n<tr><th>component</th><th class=\"num bytes\">bytes</th><th class=\"num\">GiB</th><th class=\"num\">% of peak allocated</th><th>accuracy</th></tr>\n");
     for c in &est.components {
         s += &format!(
             "<tr data-component=\"{n}\"><td><span class=\"swatch\" style=\"background:{col}\"></span>{n}</td><td class=\"num bytes\">{b}</td><td class=\"num\">{g}</td><td class=\"num\">{p}</td><td>{a}</td></tr>\n",
@@ -310,18 +364,20 @@ mod tests {
         assert_eq!(html.matches("<svg").count(), 2);
         assert!(html.contains("rtx-4090") && html.contains("does not fit"));
         assert!(html.contains(env!("CARGO_PKG_VERSION")));
-        assert!(html.contains("Result: median"));
+        assert!(html.contains("Result: peak allocated median"));
     }
 
-    /// The book's result paragraph is found and quoted with its figures: peak allocated
-    /// median and worst, peak reserved median and worst.
+    /// The summary quotes the figures of `memplan::accuracy`: allocated and reserved, median
+    /// and worst.
     #[test]
-    fn validation_summary_quotes_the_books_result() {
-        let result = validation_result().expect("book/src/validation.md has a Result: paragraph");
-        let percentages = result.matches('%').count();
-        assert!(percentages >= 4, "{result}");
-        assert!(result.contains("median") && result.contains("worst") && !result.contains("**"));
-        assert!(validation_summary().ends_with(&result));
+    fn validation_summary_quotes_the_accuracy_figures() {
+        let s = validation_summary();
+        let a = format!("peak allocated {}", crate::accuracy::ALLOCATED_SUMMARY);
+        let r = format!(
+            "peak reserved (approximate) {}",
+            crate::accuracy::RESERVED_SUMMARY
+        );
+        assert!(s.contains(&a) && s.contains(&r), "{s}");
     }
 
     #[test]

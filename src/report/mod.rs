@@ -161,10 +161,10 @@ fn estimate_sheet(job: &Job, est: &Estimate, fit: Option<&Fit>, explain: bool) -
             job.seq,
             job.attention,
             job.optimizer,
-            if job.grad_checkpointing {
-                " · checkpointing"
-            } else {
-                ""
+            match (job.method, job.grad_checkpointing) {
+                (crate::method::Method::Inference, _) => "",
+                (_, true) => " · checkpointing on",
+                (_, false) => " · checkpointing off",
             },
             job.lora
                 .as_ref()
@@ -234,16 +234,22 @@ fn estimate_sheet(job: &Job, est: &Estimate, fit: Option<&Fit>, explain: bool) -
         est.device_bytes,
         "+ CUDA context + paged optimizer state (NVML / nvidia-smi used memory)",
     ));
+    if let Some(f) = fit {
+        // In the rows too, so CSV (which drops notes) keeps the verdict.
+        let mut r = vec![
+            format!("headroom on {}", f.gpu),
+            format!("{:.2}", f.headroom_bytes as f64 / (1u64 << 30) as f64),
+            if f.fits { "fits" } else { "does not fit" }.to_string(),
+        ];
+        if explain {
+            r.push(format!("GPU memory {} minus device total", f.gpu_memory));
+        }
+        rows.push(r);
+    }
     let mut notes = Vec::new();
     if let Some(f) = fit {
-        notes.push(format!(
-            "{} on {} ({} GiB): {:.1}% used, headroom {:.2} GiB",
-            if f.fits { "FITS" } else { "DOES NOT FIT" },
-            f.gpu,
-            gib(f.gpu_bytes),
-            f.utilization_pct,
-            f.headroom_bytes as f64 / (1u64 << 30) as f64
-        ));
+        notes.push(f.verdict());
+        notes.extend(f.advice());
     }
     if est.host_bytes.0 > 0 {
         notes.push(format!(
@@ -279,7 +285,7 @@ fn estimate_sheet(job: &Job, est: &Estimate, fit: Option<&Fit>, explain: bool) -
             .join(", ")
     ));
     if explain {
-        notes.push("Accuracy: median 0.03%, worst 2.3% against 75 measured H200 steps (book: Validation). Allocator reserve and CUDA context are approximate (±10%).".into());
+        notes.push(crate::accuracy::explain_note());
     }
     Sheet {
         title,
@@ -360,46 +366,45 @@ pub fn render_gpus(gpus: &[Gpu], format: Format) -> Result<String, Error> {
 }
 
 pub fn render_seed(rows: &[SeedRow], format: Format) -> Result<String, Error> {
+    let gb = |b: Bytes| format!("{:.0}", b.0 as f64 / 1e9);
     render(format, rows, || {
-        let labels: Vec<String> = rows
-            .first()
-            .map(|r| r.memplan.iter().map(|(l, _)| l.clone()).collect())
-            .unwrap_or_default();
-        let mut headers: Vec<String> = [
-            "size",
-            "params",
-            "rule: fp32 load 4 B/p",
-            "rule: 8-bit load 1 B/p",
-            "rule: train 16–24 B/p",
-        ]
-        .map(String::from)
-        .to_vec();
-        headers.extend(labels.iter().cloned());
+        let mut headers: Vec<String> = ["size", "memplan model", "params"]
+            .map(String::from)
+            .to_vec();
+        if let Some(r) = rows.first() {
+            headers.extend(r.rules.iter().map(|(l, _, _)| format!("src {l}")));
+            headers.extend(r.memplan.iter().map(|(l, _)| l.clone()));
+        }
         Sheet {
             title: vec![
-                "Rules of thumb vs memplan (GiB as nvidia-smi would show them; batch 1 × 2048 tokens, SDPA, no checkpointing, AdamW)".into(),
-                "memplan columns: load = inference prefill of 2048 tokens; full fp32 = fp32 weights and compute; full mixed = fp32 master weights + bf16 autocast; full bf16 = bf16 weights, gradients and AdamW states; LoRA/QLoRA r16 on all linear layers".into(),
+                "Rules of thumb, as the source states them, vs memplan — all in GB (10^9 bytes)".into(),
+                "src columns: the source's rule, nominal size × bytes per parameter: load fp32 4 B/p, train fp32 16–24 B/p, 8-bit (a quarter of training) 4–6 B/p".into(),
+                "memplan columns: device total (nvidia-smi) at batch 1 × 2048 tokens, SDPA, AdamW, gradient checkpointing on; load = an fp32 inference prefill; full mixed = fp32 master weights + bf16 autocast; LoRA/QLoRA r16 on all linear layers; LoRA int8 = LoRA on an 8-bit base".into(),
             ],
-            numeric: (1..headers.len()).collect(),
+            numeric: (2..headers.len()).collect(),
             headers,
             rows: rows
                 .iter()
                 .map(|r| {
                     let mut v = vec![
-                        format!("{} ({})", r.size, r.model),
+                        r.size.clone(),
+                        r.model.clone(),
                         format!("{:.2}B", r.params as f64 / 1e9),
-                        gib(r.rule_load_fp32_bytes),
-                        gib(r.rule_load_int8_bytes),
-                        format!("{}–{}", gib(r.rule_train_low_bytes), gib(r.rule_train_high_bytes)),
                     ];
-                    v.extend(r.memplan.iter().map(|(_, b)| gib(*b)));
+                    v.extend(r.rules.iter().map(|(_, lo, hi)| {
+                        if lo == hi {
+                            gb(*lo)
+                        } else {
+                            format!("{}–{}", gb(*lo), gb(*hi))
+                        }
+                    }));
+                    v.extend(r.memplan.iter().map(|(_, b)| gb(*b)));
                     v
                 })
                 .collect(),
-            notes: vec![
-                "Where the rule holds: fp32 and mixed-precision full fine-tuning with AdamW at short sequences (≈20 B/param at the optimizer step: weights 4 + gradients 4 + states 8 + foreach buffer 4). Where it does not: pure bf16 training keeps AdamW states in bf16 (≈10 B/param); LoRA and QLoRA are far below it; long sequences add activations and 128k-vocabulary logits to every method.".into(),
+            notes: rows.iter().map(|r| r.note.clone()).chain([
                 "memplan adds what the rules leave out: activations and logits (which grow with batch × sequence), the 16-bit layers QLoRA keeps, quantization constants, cuBLAS workspace, allocator reserve and the CUDA context.".into(),
-            ],
+            ]).collect(),
         }
     })
 }

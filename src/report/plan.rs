@@ -24,7 +24,7 @@ pub fn render_fit(r: &FitReport, format: Format) -> Result<String, Error> {
                     p.max_batch.to_string(),
                     p.max_seq.to_string(),
                     gib(p.device_bytes),
-                    gib(p.headroom_at_batch1_bytes),
+                    gib(p.headroom_bytes),
                     gib(p.cpu_offload_bytes),
                     tokens_per_s(p.tokens_per_second),
                     "fits".into(),
@@ -47,7 +47,7 @@ pub fn render_fit(r: &FitReport, format: Format) -> Result<String, Error> {
             ]
         }));
         let mut notes = vec![format!(
-            "{} plan(s) fit, {} rejected; {} estimates searched. max batch: largest micro-batch at seq {} (max + 1 does not fit); max seq: longest sequence at batch 1; device GiB at max batch; headroom at batch 1.",
+            "{} plan(s) fit, {} rejected; {} estimates searched. max batch: largest micro-batch at seq {} (max + 1 does not fit); device GiB, headroom GiB, CPU RAM GiB and tokens/s: at max batch × that seq; max seq: longest sequence at batch 1.",
             r.plans.len(),
             r.rejected.len(),
             r.estimates_evaluated,
@@ -55,14 +55,17 @@ pub fn render_fit(r: &FitReport, format: Format) -> Result<String, Error> {
         )];
         notes.extend(r.notes.iter().cloned());
         Sheet {
-            title: vec![format!(
-                "Plans for {} on {} × {} ({} GiB each), seq {}",
-                r.model,
-                r.gpus,
-                r.gpu,
-                gib(r.gpu_bytes),
-                r.seq
-            )],
+            title: vec![
+                format!(
+                    "Plans for {} on {} × {} ({} each), seq {}",
+                    r.model,
+                    r.gpus,
+                    r.gpu,
+                    r.gpu_memory,
+                    r.seq
+                ),
+                "Ranked by estimated tokens/s at each plan's max batch (ties: the larger max batch, then the smaller device memory); plans that do not fit at batch 1 follow, unranked.".into(),
+            ],
             headers: [
                 "rank",
                 "method",
@@ -127,6 +130,33 @@ pub fn render_cost(c: &CostEstimate, format: Format) -> Result<String, Error> {
                 ),
             ]);
         }
+        // First: whether the plan runs at all on the GPU it is priced on.
+        rows.insert(
+            0,
+            vec![
+                "memory per GPU".into(),
+                format!(
+                    "{}: {:.2} GiB of {}",
+                    if c.fits { "fits" } else { "DOES NOT FIT" },
+                    (c.fit.gpu_bytes.0 as i128 - c.fit.headroom_bytes) as f64 / (1u64 << 30) as f64,
+                    c.fit.gpu_memory
+                ),
+            ],
+        );
+        let mut notes: Vec<String> = Vec::new();
+        if !c.fits {
+            notes.push(format!(
+                "{}; the cost below is for a run that cannot start",
+                c.fit.verdict()
+            ));
+            notes.extend(c.fit.advice());
+        }
+        notes.extend(c.assumptions.iter().map(|a| {
+            format!(
+                "assumption {} = {} ({}; change with {})",
+                a.name, a.value, a.source, a.override_with
+            )
+        }));
         Sheet {
             title: vec![format!(
                 "Cost of {} {} on {} × {}",
@@ -135,16 +165,7 @@ pub fn render_cost(c: &CostEstimate, format: Format) -> Result<String, Error> {
             headers: vec!["quantity".into(), "value".into()],
             rows,
             numeric: vec![1],
-            notes: c
-                .assumptions
-                .iter()
-                .map(|a| {
-                    format!(
-                        "assumption {} = {} ({}; change with {})",
-                        a.name, a.value, a.source, a.override_with
-                    )
-                })
-                .collect(),
+            notes,
         }
     })
 }
