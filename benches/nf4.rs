@@ -36,5 +36,32 @@ fn dequantize(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, dequantize);
+/// The NF4 linear op at llama-3.2-1b's MLP width (128 tokens × 2048 → 8192, the gate/up
+/// projections of `memplan probe --model llama-3.2-1b --seq 128`): dequantize into a temporary,
+/// then candle's CPU matmul. Throughput in multiply-adds would be 128·2048·8192 = 2.1 G per call;
+/// counted here, like the dequantization, in bytes of the fp32 weight (the op's temporary).
+fn nf4_linear(c: &mut Criterion) {
+    use candle_core::{Device, Tensor};
+    use memplan::probe::nf4_linear::Nf4Linear;
+    use std::sync::Arc;
+    let (tokens, inf, outf) = (128, 2048, 8192);
+    let mut rng = Rng::new(2);
+    let w = Nf4Matrix::quantize(&rng.normal_vec(outf * inf, 0.02), outf, inf, true).unwrap();
+    let op = Nf4Linear::new(Arc::new(w));
+    let x = Tensor::from_vec(
+        rng.normal_vec(tokens * inf, 1.0),
+        (tokens, inf),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut group = c.benchmark_group("nf4_linear");
+    group.throughput(Throughput::Bytes((outf * inf * 4) as u64));
+    group.sample_size(10);
+    group.bench_function("forward 128x2048 -> 8192 (double quant)", |b| {
+        b.iter(|| op.forward(black_box(&x)).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, dequantize, nf4_linear);
 criterion_main!(benches);

@@ -124,7 +124,8 @@ pub struct FormatArgs {
     pub format: Format,
 }
 
-/// The flags that describe one job; shared by every command that estimates.
+/// The flags that describe one job; shared by every command that estimates (and by `probe`,
+/// where no `--model` means the built-in toy model).
 #[derive(Debug, Clone, Args)]
 pub struct JobArgs {
     /// Preset name (llama-3.1-8b, mistral-7b, …), bare size (7B, 70B, 1.5B), a path to a
@@ -208,6 +209,13 @@ pub struct ShardArgs {
     /// PyTorch FSDP sharding strategy: full-shard, shard-grad-op or hybrid-shard.
     #[arg(long)]
     pub fsdp: Option<String>,
+    /// FSDP implementation: 2 (fully_shard) or 1 (FullyShardedDataParallel).
+    #[arg(long, default_value_t = 2)]
+    pub fsdp_version: u8,
+    /// FSDP reduce_dtype: the dtype gradients are reduce-scattered in, fp32 or bf16 [default:
+    /// the gathered parameters' dtype, as torch and accelerate default to].
+    #[arg(long)]
+    pub reduce_dtype: Option<String>,
     /// CPU offload: none, optimizer or optimizer+params.
     #[arg(long, default_value = "none")]
     pub offload: String,
@@ -261,6 +269,16 @@ impl ShardArgs {
         let mut s = Sharding::new(self.gpus as u128, engine);
         s.nodes = self.nodes as u128;
         s.offload = offload;
+        s.fsdp_version = self.fsdp_version;
+        if let Some(d) = &self.reduce_dtype {
+            let d: memplan::Precision = d.parse()?;
+            if !d.is_float() || !matches!(engine, Engine::Fsdp(_)) {
+                anyhow::bail!(
+                    "--reduce-dtype {d}: FSDP reduces gradients in fp32, bf16 or fp16 (with --fsdp)"
+                );
+            }
+            s.reduce_dtype = Some(d);
+        }
         s.reduce_bucket = match &self.reduce_bucket {
             Some(t) => positive_count("--reduce-bucket", t)?,
             None => DEFAULT_REDUCE_BUCKET,
@@ -1030,65 +1048,59 @@ pub enum ProbeFormat {
     Json,
 }
 
+/// `memplan probe`: the job flags of `estimate` (with `--model`, the plan the probe checks) and the
+/// probe's own. Without `--model` it trains the toy decoder the `--vocab … --intermediate` flags
+/// shape.
 #[derive(Debug, Args)]
 pub struct ProbeArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
     /// Where the step runs: auto (CUDA when built with it and a GPU is present), cpu or cuda.
     #[arg(long, value_enum, default_value_t = ProbeDevice::Auto)]
     pub device: ProbeDevice,
-    /// Vocabulary size [default: 256 on the CPU, 32000 on CUDA].
-    #[arg(long)]
+    /// Toy model (no --model): vocabulary size [default: 256 on the CPU, 32000 on CUDA].
+    #[arg(long, conflicts_with_all = ["model", "from"])]
     pub vocab: Option<usize>,
-    /// Hidden size [default: 128 on the CPU, 512 on CUDA].
-    #[arg(long)]
+    /// Toy model: hidden size [default: 128 on the CPU, 512 on CUDA].
+    #[arg(long, conflicts_with_all = ["model", "from"])]
     pub hidden: Option<usize>,
-    /// Decoder layers [default: 2 on the CPU, 4 on CUDA].
-    #[arg(long)]
+    /// Toy model: decoder layers [default: 2 on the CPU, 4 on CUDA].
+    #[arg(long, conflicts_with_all = ["model", "from"])]
     pub layers: Option<usize>,
-    /// Attention heads [default: 4 on the CPU, 8 on CUDA].
-    #[arg(long)]
+    /// Toy model: attention heads [default: 4 on the CPU, 8 on CUDA].
+    #[arg(long, conflicts_with_all = ["model", "from"])]
     pub heads: Option<usize>,
-    /// Key/value heads (grouped-query attention) [default: 2 on the CPU, 2 on CUDA].
-    #[arg(long)]
+    /// Toy model: key/value heads (grouped-query attention) [default: 2].
+    #[arg(long, conflicts_with_all = ["model", "from"])]
     pub kv_heads: Option<usize>,
-    /// MLP intermediate size [default: 256 on the CPU, 1408 on CUDA].
-    #[arg(long)]
+    /// Toy model: MLP intermediate size [default: 256 on the CPU, 1408 on CUDA].
+    #[arg(long, conflicts_with_all = ["model", "from"])]
     pub intermediate: Option<usize>,
-    /// Tie lm_head to the embedding.
-    #[arg(long)]
+    /// Toy model: tie lm_head to the embedding.
+    #[arg(long, conflicts_with_all = ["model", "from"])]
     pub tied: bool,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 8)]
-    pub rank: usize,
-    /// LoRA alpha (scale alpha/rank).
-    #[arg(long, default_value_t = 16.0)]
-    pub alpha: f64,
-    /// LoRA dropout probability.
-    #[arg(long, default_value_t = 0.05)]
-    pub lora_dropout: f32,
-    /// all-linear, attention, mlp, or a comma list of module names (q_proj,v_proj,…).
-    #[arg(long, default_value = "all-linear")]
-    pub lora_targets: String,
-    /// Micro-batch size [default: 2 on the CPU, 2 on CUDA].
-    #[arg(long)]
-    pub batch: Option<usize>,
-    /// Sequence length [default: 32 on the CPU, 128 on CUDA].
-    #[arg(long)]
-    pub seq: Option<usize>,
-    /// Training steps on the fixed batch (the last one is the measured steady state).
-    #[arg(long, default_value_t = 5)]
-    pub steps: usize,
-    /// AdamW learning rate.
-    #[arg(long, default_value_t = 5e-3)]
-    pub lr: f64,
-    /// Store the absmax constants with double quantization (default on).
-    #[arg(long, overrides_with = "no_double_quant")]
-    pub double_quant: bool,
-    /// Plain fp32 absmax constants.
-    #[arg(long)]
-    pub no_double_quant: bool,
-    /// Frozen weights in fp32 instead of NF4 (the control for the memory comparison).
-    #[arg(long)]
+    /// Toy model: frozen weights in fp32 instead of NF4 (the control for the memory comparison;
+    /// with --model, --method lora does this).
+    #[arg(long, conflicts_with_all = ["model", "from"])]
     pub fp32_base: bool,
+    /// With a plan (--model or --from): the deepest k-layer run (the probe measures k, k-1, …,
+    /// 1 layers) [default: 2 on the CPU, 3 on CUDA; fewer when memory does not allow].
+    #[arg(long)]
+    pub probe_layers: Option<usize>,
+    /// With a plan: share of the free memory the verdict keeps back, percent.
+    #[arg(long, default_value_t = memplan::probe::plan::DEFAULT_MARGIN_PCT, allow_negative_numbers = true)]
+    pub margin_pct: f64,
+    /// LoRA alpha (scale alpha/rank).
+    #[arg(long, default_value_t = 16.0, allow_negative_numbers = true)]
+    pub alpha: f64,
+    /// Training steps of the deepest run (the ones after the first are the measured steady
+    /// state); shallower runs start warm and take one fewer [default: 5 for the toy model, 2 with
+    /// --model].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 5e-3, allow_negative_numbers = true)]
+    pub lr: f64,
     /// Seed of the random weights, batch and dropout masks.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -1100,11 +1112,19 @@ pub struct ProbeArgs {
     pub save_calibration: Option<PathBuf>,
 }
 
+/// Toy-model defaults on the CPU: a step of a few MB that runs in seconds in a debug build.
+const TOY_CPU: (usize, usize, usize, usize, usize, usize) = (256, 128, 2, 4, 2, 256);
+/// Toy-model defaults on CUDA: ~0.8 GB by the candle estimate (782 MiB measured on the CPU).
+const TOY_CUDA: (usize, usize, usize, usize, usize, usize) = (32000, 512, 4, 8, 2, 1408);
+
+fn usize_flag(flag: &str, v: u64) -> Result<usize> {
+    usize::try_from(v).with_context(|| format!("{flag} {v} is too large"))
+}
+
 impl ProbeArgs {
-    /// Resolves the device and the per-device defaults into probe options.
-    pub fn options(&self) -> Result<memplan::probe::ProbeOptions> {
-        use memplan::probe::{model::ModelConfig, Backend};
-        let backend = match self.device {
+    fn backend(&self) -> memplan::probe::Backend {
+        use memplan::probe::Backend;
+        match self.device {
             ProbeDevice::Cpu => Backend::Cpu,
             ProbeDevice::Cuda => Backend::Cuda,
             ProbeDevice::Auto => {
@@ -1115,39 +1135,84 @@ impl ProbeArgs {
                     Backend::Cpu
                 }
             }
-        };
+        }
+    }
+
+    /// Resolves the device, the plan (or the toy model) and the defaults into probe options.
+    pub fn options(&self) -> Result<memplan::probe::ProbeOptions> {
+        use memplan::probe::{model::ModelConfig, Backend, PlanRequest, ProbeOptions};
+        let backend = self.backend();
         let gpu = backend == Backend::Cuda;
-        let pick =
-            |v: Option<usize>, cpu: usize, cuda: usize| v.unwrap_or(if gpu { cuda } else { cpu });
+        if self.job.model.is_some() || self.job.settings.from.is_some() {
+            let job = self.job.job()?;
+            if !(self.margin_pct.is_finite() && (0.0..100.0).contains(&self.margin_pct)) {
+                anyhow::bail!("--margin-pct {}: a percentage in [0, 100)", self.margin_pct);
+            }
+            let depth = usize::try_from(job.model.layers).unwrap_or(usize::MAX);
+            let deepest = match self.probe_layers {
+                Some(0) => anyhow::bail!("--probe-layers must be at least 1"),
+                Some(k) if k as u128 > job.model.layers => anyhow::bail!(
+                    "--probe-layers {k}: {} has {} layers",
+                    job.model.name,
+                    job.model.layers
+                ),
+                Some(k) => k,
+                None => (if gpu { 3 } else { 2 }).min(depth),
+            };
+            let model = memplan::probe::plan::probe_config(&job, deepest, self.alpha, self.seed)?;
+            return Ok(ProbeOptions {
+                model,
+                steps: self.steps.unwrap_or(2),
+                lr: self.lr,
+                backend,
+                layer_runs: (1..=deepest).rev().collect(),
+                plan: Some(PlanRequest {
+                    job,
+                    margin_pct: self.margin_pct,
+                }),
+            });
+        }
+        if self.probe_layers.is_some() {
+            anyhow::bail!("--probe-layers needs a plan: add --model (or --from)");
+        }
+        let d = if gpu { TOY_CUDA } else { TOY_CPU };
+        let (hidden, heads) = (self.hidden.unwrap_or(d.1), self.heads.unwrap_or(d.3));
+        if heads == 0 || hidden % heads != 0 {
+            anyhow::bail!("--hidden {hidden} must be a multiple of --heads {heads}");
+        }
+        let s = &self.job.settings;
         let model = ModelConfig {
-            vocab: pick(self.vocab, 256, 32000),
-            hidden: pick(self.hidden, 128, 512),
-            layers: pick(self.layers, 2, 4),
-            heads: pick(self.heads, 4, 8),
-            kv_heads: pick(self.kv_heads, 2, 2),
-            intermediate: pick(self.intermediate, 256, 1408),
+            vocab: self.vocab.unwrap_or(d.0),
+            hidden,
+            layers: self.layers.unwrap_or(d.2),
+            heads,
+            kv_heads: self.kv_heads.unwrap_or(d.4),
+            head_dim: hidden / heads,
+            intermediate: self.intermediate.unwrap_or(d.5),
             tie_embeddings: self.tied,
-            rank: self.rank,
+            // Job::new's LoRA defaults (rank 16, dropout 0.05, all-linear) unless given.
+            // The toy model's own small default (the shared --rank defaults to 16 for plans).
+            rank: usize_flag("--rank", s.rank.unwrap_or(8))?,
             alpha: self.alpha,
-            dropout: self.lora_dropout,
+            dropout: s.lora_dropout.unwrap_or(0.05) as f32,
             // The probe's decoder is a dense Llama layer: all-linear reaches its seven projections.
-            targets: parse_targets(&self.lora_targets)?
+            targets: parse_targets(s.lora_targets.as_deref().unwrap_or("all-linear"))?
                 .into_iter()
                 .filter(|k| memplan::method::dense_all_linear().contains(k))
                 .collect(),
-            double_quant: !self.no_double_quant,
+            double_quant: !s.no_double_quant,
             nf4: !self.fp32_base,
-            batch: pick(self.batch, 2, 2),
-            seq: pick(self.seq, 32, 128),
+            batch: usize_flag("--batch", self.job.batch.unwrap_or(2))?,
+            seq: usize_flag("--seq", self.job.seq.unwrap_or(if gpu { 128 } else { 32 }))?,
             seed: self.seed,
         };
         model.validate()?;
-        Ok(memplan::probe::ProbeOptions {
+        Ok(ProbeOptions::single(
             model,
-            steps: self.steps,
-            lr: self.lr,
+            self.steps.unwrap_or(5),
+            self.lr,
             backend,
-        })
+        ))
     }
 }
 

@@ -332,13 +332,15 @@ impl Fit {
     }
 }
 
+/// Whether the step fits: replayed through the caching allocator at the card's capacity
+/// ([`crate::estimate::oom_check`]), not a margin over the allocated peak.
 pub fn fit(est: &Estimate, gpu: &Gpu) -> Fit {
     let need = est.device_bytes.0;
     let have = gpu.memory().0;
     Fit {
         gpu: gpu.name.clone(),
         gpu_bytes: gpu.memory(),
-        fits: need <= have,
+        fits: crate::estimate::oom_check(est, have).fits,
         headroom_bytes: have as i128 - need as i128,
         utilization_pct: need as f64 / have as f64 * 100.0,
         gpu_memory: gpu.memory_text(),

@@ -18,6 +18,7 @@ fn tiny(nf4: bool) -> ModelConfig {
         layers: 2,
         heads: 4,
         kv_heads: 2,
+        head_dim: 32,
         intermediate: 256,
         tie_embeddings: false,
         rank: 8,
@@ -41,13 +42,7 @@ fn tiny(nf4: bool) -> ModelConfig {
 }
 
 fn run(model: ModelConfig, steps: usize) -> memplan::probe::ProbeReport {
-    probe(&ProbeOptions {
-        model,
-        steps,
-        lr: 5e-3,
-        backend: Backend::Cpu,
-    })
-    .unwrap()
+    probe(&ProbeOptions::single(model, steps, 5e-3, Backend::Cpu)).unwrap()
 }
 
 fn linear_weight_params(c: &ModelConfig) -> u64 {

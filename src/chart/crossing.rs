@@ -62,7 +62,7 @@ pub enum Reach {
 
 /// Whether `job` fits `gpu`, the way `gpu::fit` decides.
 pub fn fits(job: &Job, gpu: &Gpu) -> Result<bool, Error> {
-    Ok(estimate(job)?.device_bytes <= gpu.memory())
+    Ok(crate::estimate::oom_check(&estimate(job)?, gpu.memory().0).fits)
 }
 
 /// The largest value in `lo..=hi` of `axis` at which `job` fits `gpu` (binary search, about
@@ -115,9 +115,13 @@ mod tests {
                 Reach::UpTo(s) => {
                     let mut at = job.clone();
                     at.seq = s;
-                    assert!(device(&at) <= cap, "{method}: {s} tokens should fit");
+                    assert!(fits(&at, &gpu).unwrap(), "{method}: {s} tokens should fit");
                     at.seq = s + 1;
-                    assert!(device(&at) > cap, "{method}: {} tokens should not", s + 1);
+                    assert!(
+                        !fits(&at, &gpu).unwrap(),
+                        "{method}: {} tokens should not",
+                        s + 1
+                    );
                 }
                 r => panic!("{method}: expected a crossing, got {r:?}"),
             }

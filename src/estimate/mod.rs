@@ -87,6 +87,8 @@ pub struct Estimate {
     /// line at a given capacity).
     #[serde(skip)]
     pub alloc_events: Vec<crate::alloc::Event>,
+    #[serde(skip)]
+    pub job_alloc_conf: crate::alloc::AllocConf,
     /// CPU RAM per node for offloaded state (DeepSpeed offload / FSDP CPUOffload); 0 without.
     pub cpu_offload_bytes: Bytes,
     /// Host RAM per GPU for offloaded activations (`--activation-offload`); 0 without.
@@ -193,6 +195,39 @@ pub fn estimate_with(job: &Job, profile: &RuntimeProfile) -> Result<Estimate, Er
     Ok(finish(job, &res, &sh, &t, profile, explain_extra))
 }
 
+/// The out-of-memory line: the step replayed through the caching allocator with `capacity`
+/// bytes to reserve (the card less the CUDA context and managed optimizer state). A request
+/// that finds no cached block and cannot get a new segment even after the cache is freed is
+/// PyTorch's out-of-memory error.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OomCheck {
+    pub fits: bool,
+    /// The smallest `capacity − reserved` over the step: the margin at the tightest moment.
+    pub min_headroom_bytes: Bytes,
+    /// The allocation that failed, when it does not fit.
+    pub failed_request_bytes: Option<Bytes>,
+}
+
+/// Replays `est`'s step at a device of `device_bytes` (see [`OomCheck`]).
+pub fn oom_check(est: &Estimate, device_bytes: u128) -> OomCheck {
+    let outside = est.runtime.cuda_context_bytes + est.paged_optimizer_bytes.0;
+    let capacity = device_bytes.saturating_sub(outside);
+    let cap = u64::try_from(capacity).unwrap_or(u64::MAX);
+    match crate::alloc::simulate(&est.alloc_events, &est.job_alloc_conf, Some(cap)) {
+        Ok(r) => OomCheck {
+            fits: r.oom.is_none() && device_bytes >= outside,
+            min_headroom_bytes: Bytes(u128::from(r.min_headroom.unwrap_or(0))),
+            failed_request_bytes: r.oom.map(|o| Bytes(u128::from(o.request_bytes))),
+        },
+        // A stream the replay refuses (a request over 2^56 B) fits no device.
+        Err(_) => OomCheck {
+            fits: false,
+            min_headroom_bytes: Bytes(0),
+            failed_request_bytes: None,
+        },
+    }
+}
+
 /// The measured error of the allocator replay (book: Allocator).
 /// The `allocator_reserve` accuracy note: one figure for every output (`crate::accuracy`).
 pub const ACCURACY_RESERVED: &str = crate::accuracy::RESERVED_ACCURACY;
@@ -253,6 +288,12 @@ fn train_step(
     state: &[u128],
     step_temps: &[u128],
 ) -> StepExplain {
+    // FSDP-HOOK(a): under FSDP mixed precision the step computes on the gathered 16-bit
+    // copies: walk the 16-bit job (sharding.rs `walk_job`); resident state stays the job's.
+    let walk = sharding::walk_job(job);
+    let job: &Job = &walk;
+    // FSDP-HOOK(b): FSDP's per-unit buffers (sharding.rs `FsdpWalk`), None otherwise.
+    let fsdp = sh.fsdp.as_ref().map(sharding::FsdpWalk::new);
     let m = &job.model;
     let r = &m.recipe;
     let tokens = job.tokens();
@@ -347,8 +388,18 @@ fn train_step(
 
     // A layer's parameter gradient: kept whole on one GPU; with sharding, reduced to this rank's
     // shard (FSDP: the unit's full gradient exists until its reduce-scatter).
+    // FSDP-HOOK(c): FSDP keeps a layer's (or the root's: lm_head, final norm, embedding)
+    // unsharded gradients until that unit's post-backward (sharding.rs `FsdpWalk`).
     let mut grads: Vec<Buf> = Vec::new();
-    let mut grad = |t: &mut Timeline, bytes: u128| {
+    let mut grad = |t: &mut Timeline, bytes: u128, root: bool| {
+        if let Some(f) = &fsdp {
+            if root {
+                f.root_grad(t, bytes);
+            } else {
+                f.layer_grad(t, bytes);
+            }
+            return;
+        }
         let spike = sh
             .unsharded_grad_spike
             .then(|| t.tensor(Category::Temporaries, bytes));
@@ -361,6 +412,9 @@ fn train_step(
     // ---------------- forward
     t.phase(Phase::Forward);
     let gathered = (sh.gathered > 0).then(|| t.tensor(Category::GatheredParams, sh.gathered));
+    if let Some(f) = &fsdp {
+        f.forward_start(t); // FSDP-HOOK(d)
+    }
     let mask_bufs: Vec<Buf> = masks
         .iter()
         .map(|&b| t.tensor(Category::Temporaries, b))
@@ -369,6 +423,9 @@ fn train_step(
     let mut kept_inputs: Vec<Option<Buf>> = Vec::with_capacity(m.layers as usize);
     for l in 0..r.layer_kind.len() {
         let inv = layer_inv(l);
+        if let Some(f) = &fsdp {
+            f.layer_forward_pre(t); // FSDP-HOOK(e)
+        }
         t.transient(Category::Temporaries, inv.fwd_transient);
         if job.grad_checkpointing {
             if offload {
@@ -389,6 +446,9 @@ fn train_step(
             } else {
                 layer_saved.push(saved);
             }
+        }
+        if let Some(f) = &fsdp {
+            f.layer_forward_post(t); // FSDP-HOOK(f)
         }
     }
     let head_saved = save_layer(t, &head);
@@ -425,8 +485,15 @@ fn train_step(
         }
     }
 
+    if let Some(f) = &fsdp {
+        f.forward_end(t); // FSDP-HOOK(g): the root's post-forward, after the loss
+    }
+
     // ---------------- backward
     t.phase(Phase::Backward);
+    if let Some(f) = &fsdp {
+        f.backward_start(t); // FSDP-HOOK(h): the root's pre-backward
+    }
     let bucket = (sh.bucket > 0).then(|| t.tensor(Category::CommBuckets, sh.bucket));
     // nll_loss and log_softmax backward: two fp32 gradients beside the saved log-softmax.
     if fused_loss {
@@ -454,12 +521,21 @@ fn train_step(
     }
     // lm_head backward: the input gradient, and the weight gradient when it trains.
     let hidden_grad = t.tensor(Category::Temporaries, tokens * dt.residual * m.hidden);
-    backward_layer(t, &head, head_saved, &mut grad, Some(g_raw));
+    backward_layer(
+        t,
+        &head,
+        head_saved,
+        &mut |t: &mut Timeline, b| grad(t, b, true),
+        Some(g_raw),
+    );
     if fused_loss {
         loss_events(t, &lw.after_head);
     }
     for l in (0..r.layer_kind.len()).rev() {
         let inv = layer_inv(l);
+        if let Some(f) = &fsdp {
+            f.layer_backward_pre(t, l == 0); // FSDP-HOOK(i)
+        }
         // Offloaded: the checkpointed input (or the saved tensors) come back for this layer.
         let back =
             (offload && job.grad_checkpointing).then(|| t.tensor(Category::Activations, inv.input));
@@ -471,9 +547,18 @@ fn train_step(
         } else {
             std::mem::take(&mut layer_saved[l])
         };
-        backward_layer(t, inv, saved, &mut grad, None);
+        backward_layer(
+            t,
+            inv,
+            saved,
+            &mut |t: &mut Timeline, b| grad(t, b, false),
+            None,
+        );
         if let Some(b) = kept_inputs[l].take().or(back) {
             t.release(b);
+        }
+        if let Some(f) = &fsdp {
+            f.layer_backward_post(t); // FSDP-HOOK(j)
         }
     }
     if full {
@@ -483,7 +568,7 @@ fn train_step(
             // (measured: +2 × V·h on the 1B and 3B tied models).
             t.transient(Category::Temporaries, 2 * emb);
         } else {
-            grad(t, emb);
+            grad(t, emb, true);
         }
     }
     t.release(hidden_grad);
@@ -495,6 +580,9 @@ fn train_step(
     }
     if let Some(b) = gathered {
         t.release(b);
+    }
+    if let Some(f) = &fsdp {
+        f.backward_end(t); // FSDP-HOOK(k): the root's post-backward in the final callback
     }
 
     // ---------------- optimizer
@@ -515,6 +603,9 @@ fn train_step(
     // zero_grad(set_to_none=True)
     for g in grads {
         t.release(g);
+    }
+    if let Some(f) = &fsdp {
+        f.zero_grad(t); // FSDP-HOOK(l)
     }
 
     let head_bytes = head.saved();
@@ -800,6 +891,15 @@ fn accuracy(job: &Job, c: Category) -> &'static str {
             "approximate: largest module's gradient buffers; ±25% of this component"
         }
         Category::Workspace => "measured constant (Hopper); smaller on older GPUs",
+        // FSDP-HOOK: FSDP2's buffers are held to traces (tests/fsdp_reference.rs).
+        Category::GatheredParams | Category::CommBuckets
+            if job
+                .sharding
+                .as_ref()
+                .is_some_and(|s| matches!(s.engine, sharding::Engine::Fsdp(_)) && s.fsdp_version == 2) =>
+        {
+            "FSDP2: the step peak within 0.5% of traced fully_shard steps (bf16 and fp32 + bf16 mixed precision)"
+        }
         Category::GatheredParams | Category::CommBuckets => {
             "approximate: follows DeepSpeed/FSDP's documented buffers; not measured (multi-GPU)"
         }
@@ -941,6 +1041,7 @@ fn finish(
             .collect(),
         runtime: profile,
         alloc_events,
+        job_alloc_conf: job.alloc_conf.clone(),
         host_bytes: Bytes(step.host_bytes),
         cpu_offload_bytes: Bytes(
             sh.cpu_offload * job.sharding.as_ref().map_or(1, |s| s.gpus_per_node()),

@@ -7,13 +7,9 @@
 //! - CUDA context: 648,871,936 B on the H200 with driver 580 / CUDA 13 (NVML used memory before
 //!   and after `torch.cuda.init()`, groundtruth `meta.context`); outside the allocator. It varies
 //!   with GPU, driver and loaded kernels (typically 0.3–0.9 GiB); `--calibration` overrides it.
-//! - Allocator reserve: PyTorch's caching allocator keeps freed blocks cached for reuse; once the
-//!   step's largest transient buffer (for LLMs the b·s·V fp32 logits gradient) has been freed and
-//!   its segment split for smaller requests, about one such block stays reserved but unusable
-//!   for the next large request, and every block is rounded (2 MiB multiples, 20 MiB segments).
-//!   memplan models `max_memory_reserved` as the allocated peak + the largest transient block +
-//!   [`RESIDENT_ROUNDING`] of resident bytes. Against the 75 groundtruth steps: median error
-//!   2.9%, worst 19% (full fine-tuning with checkpointing fragments more). Approximate.
+//! - Allocator reserve: reserved minus allocated at the peak, from the caching-allocator
+//!   simulation (`crate::alloc`) replayed over the step's tensor events (`estimate::finish`).
+//!   Against the 75 groundtruth steps: median 1.7%, worst 18% (book: Allocator).
 
 use std::path::Path;
 
@@ -104,10 +100,6 @@ pub fn pytorch_cuda() -> RuntimeProfile {
         cuda_context_bytes: 648_871_936,
     }
 }
-
-/// Fraction of resident bytes lost to block rounding (fitted: the reserved excess of the
-/// smallest groundtruth steps, where no large transient exists).
-pub const RESIDENT_ROUNDING: f64 = 0.02;
 
 #[cfg(test)]
 mod tests {

@@ -144,7 +144,8 @@ impl Searcher<'_> {
     }
 
     fn fits(&mut self, job: &Job) -> Result<bool, Error> {
-        Ok(self.estimate(job)?.device_bytes.0 <= self.have)
+        // The out-of-memory line: the step replayed through the allocator at the capacity.
+        Ok(crate::estimate::oom_check(&self.estimate(job)?, self.have).fits)
     }
 
     /// The largest `x` in [1, cap] with `fits(set(x))`, given that `fits(set(1))`; exponential
@@ -392,7 +393,7 @@ pub fn fit(req: &FitRequest) -> Result<FitReport, Error> {
                 } else {
                     0
                 };
-                if at1.device_bytes.0 > have {
+                if !crate::estimate::oom_check(&at1, have).fits {
                     let (dom, why) = dominant(&at1, have);
                     rejected.push(Rejected {
                         method,
@@ -425,8 +426,10 @@ pub fn fit(req: &FitRequest) -> Result<FitReport, Error> {
                     max_seq,
                     peak_allocated_bytes: e.peak_allocated_bytes,
                     device_bytes: e.device_bytes,
-                    headroom_bytes: Bytes(have - e.device_bytes.0),
-                    headroom_at_batch1_bytes: Bytes(have - at1.device_bytes.0),
+                    // The margin left at the tightest moment of the step replayed at capacity.
+                    headroom_bytes: crate::estimate::oom_check(&e, have).min_headroom_bytes,
+                    headroom_at_batch1_bytes: crate::estimate::oom_check(&at1, have)
+                        .min_headroom_bytes,
                     cpu_offload_bytes: e.cpu_offload_bytes,
                     flops_per_token: fpt,
                     tokens_per_second: tps,
@@ -489,6 +492,12 @@ mod tests {
         FitRequest::new(base, resolve_gpu(gpu).unwrap(), pytorch_cuda())
     }
 
+    /// The out-of-memory line the search decides on.
+    fn fits_at(job: &Job, have: u128) -> bool {
+        crate::estimate::oom_check(&crate::estimate::estimate(job).unwrap(), have).fits
+    }
+
+    #[allow(dead_code)]
     fn device(job: &Job) -> u128 {
         estimate_with(job, &pytorch_cuda()).unwrap().device_bytes.0
     }
@@ -533,23 +542,23 @@ mod tests {
             for p in &r.plans {
                 let mut j = variant(&req.base, p.method, p.optimizer, p.grad_checkpointing);
                 j.batch = p.max_batch;
-                assert!(device(&j) <= have, "{m} {g} {p:?}");
+                assert!(fits_at(&j, have), "{m} {g} {p:?}");
                 if p.max_batch < MAX_BATCH_CAP {
                     j.batch += 1;
-                    assert!(device(&j) > have, "{m} {g} batch+1 {p:?}");
+                    assert!(!fits_at(&j, have), "{m} {g} batch+1 {p:?}");
                 }
                 let mut j = variant(&req.base, p.method, p.optimizer, p.grad_checkpointing);
                 j.seq = p.max_seq;
-                assert!(device(&j) <= have);
+                assert!(fits_at(&j, have));
                 if p.max_seq < MAX_SEQ_CAP {
                     j.seq += 1;
-                    assert!(device(&j) > have, "{m} {g} seq+1 {p:?}");
+                    assert!(!fits_at(&j, have), "{m} {g} seq+1 {p:?}");
                 }
                 checked += 1;
             }
             for x in &r.rejected {
                 let j = variant(&req.base, x.method, x.optimizer, x.grad_checkpointing);
-                assert!(device(&j) > have);
+                assert!(!fits_at(&j, have));
             }
         }
         assert!(checked > 20, "the sample exercised {checked} plans");

@@ -6,7 +6,7 @@ use candle_core::Device;
 /// Why a CUDA device is not usable.
 #[derive(Debug, thiserror::Error)]
 pub enum CudaUnavailable {
-    #[error("this memplan was built without CUDA support; rebuild with `cargo build --release --features cuda` (the book's Probe chapter, book/src/probe.md, lists what the CUDA build needs) or use --device cpu")]
+    #[error("this memplan was built without CUDA support; rebuild with `cargo build --release --features cuda` (needs the CUDA toolkit, nvcc, at build time) or use --device cpu")]
     NotCompiled,
     #[error("CUDA device 0 could not be opened ({0}); is an NVIDIA GPU and driver present? use --device cpu")]
     NotPresent(String),

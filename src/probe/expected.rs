@@ -91,7 +91,13 @@ enum Kind {
     /// A sum over some dimensions (keepdim).
     Sum,
     Reshape,
-    Transpose,
+    /// The two dimensions swapped, recorded when the view is made (candle's
+    /// `Op::Transpose(arg, dim1, dim2)`): the backward swaps the same two back. Inferring them
+    /// from the shapes fails when two dimensions have equal sizes (e.g. `--seq` = `--heads`).
+    Transpose {
+        d1: usize,
+        d2: usize,
+    },
     Copy,
     Broadcast,
     Gather,
@@ -437,8 +443,11 @@ impl Graph for Shadow {
     }
     fn transpose(&self, a: &ShadowTensor, d1: usize, d2: usize) -> R {
         let mut dims = a.0.dims.clone();
+        if d1 >= dims.len() || d2 >= dims.len() {
+            return Err(ShadowError(format!("transpose {d1},{d2} of {dims:?}")));
+        }
         dims.swap(d1, d2);
-        Ok(self.view(a, dims, false, Kind::Transpose))
+        Ok(self.view(a, dims, false, Kind::Transpose { d1, d2 }))
     }
     fn reshape(&self, a: &ShadowTensor, shape: &[usize]) -> R {
         if shape.iter().product::<usize>() != a.0.dims.iter().product::<usize>() {
@@ -730,9 +739,7 @@ fn backward(g: &Shadow, loss: &ShadowTensor) -> R<HashMap<usize, ShadowTensor>> 
                 let arg_grad = g.reshape(&grad, &arg.0.dims)?;
                 g.accumulate(&mut store, arg, &arg_grad, Kind::Add)?;
             }
-            Kind::Transpose => {
-                let n = grad.0.dims.len();
-                let (d1, d2) = transposed_dims(&arg.0.dims, &node.0.dims).unwrap_or((n - 2, n - 1));
+            Kind::Transpose { d1, d2 } => {
                 let arg_grad = g.transpose(&grad, d1, d2)?;
                 g.accumulate(&mut store, arg, &arg_grad, Kind::Add)?;
             }
@@ -765,17 +772,6 @@ fn backward(g: &Shadow, loss: &ShadowTensor) -> R<HashMap<usize, ShadowTensor>> 
         }
     }
     Ok(store)
-}
-
-/// The two dimensions a transpose swapped, from the shapes before and after.
-fn transposed_dims(before: &[usize], after: &[usize]) -> Option<(usize, usize)> {
-    let diff: Vec<usize> = (0..before.len())
-        .filter(|&i| before[i] != after[i])
-        .collect();
-    match diff.as_slice() {
-        [a, b] => Some((*a, *b)),
-        _ => None,
-    }
 }
 
 /// candle's `Tensor::sorted_nodes`: a depth-first walk from the loss over tracked nodes,
@@ -818,6 +814,7 @@ mod tests {
             layers: 1,
             heads: 2,
             kv_heads: 1,
+            head_dim: 32,
             intermediate: 128,
             tie_embeddings: false,
             rank: 4,

@@ -18,8 +18,10 @@ pub mod model;
 pub mod nf4;
 pub mod nf4_linear;
 pub mod nvml;
+pub mod plan;
 pub mod rng;
 pub mod run;
 pub mod train;
 
-pub use run::{probe, Backend, DeviceSummary, ProbeError, ProbeOptions, ProbeReport};
+pub use plan::PlanRequest;
+pub use run::{probe, Backend, DeviceSummary, ProbeError, ProbeOptions, ProbeReport, RunReport};

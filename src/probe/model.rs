@@ -11,6 +11,8 @@
 //! - RoPE as `x·cos + rotate_half(x)·sin`, with `rotate_half` a fixed `hd × hd` matrix product.
 //! - Softmax and log-softmax from elementary ops with the max shift detached.
 
+use std::num::NonZeroU64;
+
 use candle_core::Tensor;
 
 use crate::model::LinearKind;
@@ -25,6 +27,12 @@ pub const RMS_EPS: f64 = 1e-5;
 pub const ROPE_THETA: f32 = 10_000.0;
 /// Std of the frozen random weights (transformers `initializer_range` default).
 pub const INIT_STD: f32 = 0.02;
+/// Largest vocabulary: token ids are u32 tensors.
+pub const MAX_VOCAB: usize = u32::MAX as usize;
+/// Largest depth the probe builds (a bound on user input; real models have at most a few hundred).
+pub const MAX_LAYERS: usize = 1 << 12;
+/// Largest element count of one tensor of the step: 2^48 (1 PiB of fp32).
+pub const MAX_TENSOR_ELEMENTS: u128 = 1 << 48;
 
 /// Shape and training settings of the probe model.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -34,6 +42,8 @@ pub struct ModelConfig {
     pub layers: usize,
     pub heads: usize,
     pub kv_heads: usize,
+    /// Width of one attention head (`head_dim` in config.json; `hidden / heads` when absent).
+    pub head_dim: usize,
     pub intermediate: usize,
     pub tie_embeddings: bool,
     pub rank: usize,
@@ -50,14 +60,15 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     pub fn head_dim(&self) -> usize {
-        self.hidden / self.heads
+        self.head_dim
     }
 
     pub fn tokens(&self) -> usize {
         self.batch * self.seq
     }
 
-    /// Checks the shape, naming the flag to fix.
+    /// Checks the shape, naming the flag to fix. Every bound is a one-line error; nothing here
+    /// allocates.
     pub fn validate(&self) -> Result<(), crate::Error> {
         let bad = |m: String| Err(crate::Error::Unsupported(m));
         let pos = [
@@ -66,6 +77,7 @@ impl ModelConfig {
             ("--layers", self.layers),
             ("--heads", self.heads),
             ("--kv-heads", self.kv_heads),
+            ("head_dim", self.head_dim),
             ("--intermediate", self.intermediate),
             ("--rank", self.rank),
             ("--batch", self.batch),
@@ -76,6 +88,19 @@ impl ModelConfig {
                 return bad(format!("{flag} must be at least 1"));
             }
         }
+        // Token ids are u32 tensors (candle's index ops take u32).
+        if self.vocab > MAX_VOCAB {
+            return bad(format!(
+                "--vocab {}: token ids are u32, so at most {MAX_VOCAB}",
+                self.vocab
+            ));
+        }
+        if self.layers > MAX_LAYERS {
+            return bad(format!(
+                "--layers {}: at most {MAX_LAYERS} decoder layers",
+                self.layers
+            ));
+        }
         // Every tensor's element count must fit comfortably in usize arithmetic; 2^48 elements
         // (1 PiB of fp32) is far beyond any device and keeps all products below 2^64.
         let (b, s, v, h, i) = (
@@ -85,25 +110,28 @@ impl ModelConfig {
             self.hidden as u128,
             self.intermediate as u128,
         );
+        let q = self.heads as u128 * self.head_dim as u128;
         let largest = [
             b * s * v,
             b * s * i,
+            b * s * q,
             v * h,
             h * i,
+            h * q,
             b * self.heads as u128 * s * s,
         ]
         .into_iter()
         .max()
         .unwrap_or(0);
-        if largest > 1 << 48 || self.layers > 1 << 20 {
+        if largest > MAX_TENSOR_ELEMENTS {
             return bad(format!(
-                "a tensor of this step would hold {largest} elements: lower --batch, --seq, --vocab, --hidden, --intermediate or --layers"
+                "a tensor of this step would hold {largest} elements (at most 2^48): lower --batch, --seq, --vocab, --hidden, --intermediate or --heads"
             ));
         }
-        if self.hidden % self.heads != 0 || self.head_dim() % 2 != 0 {
+        if self.head_dim % 2 != 0 {
             return bad(format!(
-                "--hidden {} must be a multiple of --heads {} with an even head dimension (RoPE rotates pairs)",
-                self.hidden, self.heads
+                "head dimension {} must be even (RoPE rotates pairs): choose --hidden a multiple of 2 × --heads",
+                self.head_dim
             ));
         }
         if self.heads % self.kv_heads != 0 {
@@ -115,8 +143,7 @@ impl ModelConfig {
         if self.nf4 {
             // Every Linear's in·out must fill whole 64-weight blocks.
             let b = super::nf4::BLOCK;
-            let kv = self.kv_heads * self.head_dim();
-            if (self.hidden * kv) % b != 0 || (self.hidden * self.intermediate) % b != 0 {
+            if self.linears().iter().any(|(_, i, o)| (i * o) % b != 0) {
                 return bad(format!(
                     "NF4 stores weights in blocks of {b}: choose --hidden, --intermediate and --kv-heads so every Linear has a multiple of {b} weights"
                 ));
@@ -125,16 +152,25 @@ impl ModelConfig {
         if !(0.0..1.0).contains(&self.dropout) {
             return bad(format!("--lora-dropout {} must be in [0, 1)", self.dropout));
         }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return bad(format!(
+                "--alpha {}: LoRA alpha must be a positive finite number",
+                self.alpha
+            ));
+        }
         if self.targets.contains(&LinearKind::Router) {
             return bad("the probe model is dense: no router to adapt".into());
         }
         let min_dim = self
-            .hidden
-            .min(self.kv_heads * self.head_dim())
-            .min(self.intermediate);
+            .linears()
+            .iter()
+            .filter(|(k, _, _)| self.targets.contains(k))
+            .map(|(_, i, o)| *i.min(o))
+            .min()
+            .unwrap_or(usize::MAX);
         if self.rank > min_dim {
             return bad(format!(
-                "--rank {} exceeds the smallest Linear dimension ({min_dim})",
+                "--rank {} exceeds the smallest adapted Linear dimension ({min_dim})",
                 self.rank
             ));
         }
@@ -293,20 +329,26 @@ impl<G: Graph> Decoder<G> {
         })
     }
 
-    /// A fixed batch of random tokens; the targets are the ids shifted by one.
+    /// A fixed batch of random tokens; the targets are the ids shifted by one. The ids are only
+    /// generated by backends that hold data (the shadow never calls the closures).
     pub fn batch(&self, g: &G) -> Result<Batch<G>, G::Error> {
-        let (b, s, v) = (self.cfg.batch, self.cfg.seq, self.cfg.vocab as u32);
-        let mut rng = Rng::new(self.cfg.seed ^ 0xBA7C);
-        let seqs: Vec<u32> = (0..b * (s + 1)).map(|_| rng.below(v)).collect();
-        let ids: Vec<u32> = (0..b)
-            .flat_map(|i| seqs[i * (s + 1)..i * (s + 1) + s].to_vec())
-            .collect();
-        let targets: Vec<u32> = (0..b)
-            .flat_map(|i| seqs[i * (s + 1) + 1..(i + 1) * (s + 1)].to_vec())
-            .collect();
+        let (b, s) = (self.cfg.batch, self.cfg.seq);
+        let (seed, vocab) = (self.cfg.seed ^ 0xBA7C, self.cfg.vocab);
+        // Sequence i is tokens i·(s+1) .. (i+1)·(s+1) of one random stream; ids are its first s
+        // tokens, targets its last s.
+        let stream = move |shift: usize| {
+            let n = NonZeroU64::new(vocab as u64).unwrap_or(NonZeroU64::MIN);
+            let mut rng = Rng::new(seed);
+            let mut out = Vec::with_capacity(b * s);
+            for _ in 0..b {
+                let row: Vec<u32> = (0..=s).map(|_| rng.below(n) as u32).collect();
+                out.extend_from_slice(&row[shift..shift + s]);
+            }
+            out
+        };
         Ok(Batch {
-            ids: g.indices(&[b * s], || ids)?,
-            targets: g.indices(&[b * s, 1], || targets)?,
+            ids: g.indices(&[b * s], || stream(0))?,
+            targets: g.indices(&[b * s, 1], || stream(1))?,
         })
     }
 

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use super::nf4::Nf4Matrix;
@@ -58,21 +59,18 @@ impl CustomOp1 for Nf4Linear {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, m, k) = contiguous_f32(storage, layout, self.name())?;
+        let (_, m, k) = contiguous_f32(storage, layout, self.name())?;
         let w = &self.weight;
         if k != w.cols {
             candle_core::bail!("nf4-linear: input has {k} features, the weight {}", w.cols);
         }
         let n = w.rows;
-        // The temporary dequantized weight: alive only inside this call.
-        let deq = w.dequantize();
-        let mut y = vec![0f32; m * n];
-        for (xr, yr) in x.chunks(k).zip(y.chunks_mut(n)) {
-            for (wr, yo) in deq.chunks(k).zip(yr.iter_mut()) {
-                *yo = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
-            }
-        }
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+        // The temporary dequantized weight: alive only inside this call. The product is candle's
+        // own CPU matmul (gemm, multi-threaded) with `W` read transposed through its layout.
+        let deq = CpuStorage::F32(w.dequantize());
+        let wt = Layout::contiguous((n, k)).transpose(0, 1)?;
+        let y = storage.matmul(&deq, (1, m, n, k), layout, &wt)?;
+        Ok((y, Shape::from((m, n))))
     }
 
     #[cfg(feature = "cuda")]
@@ -81,7 +79,7 @@ impl CustomOp1 for Nf4Linear {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::{BackendDevice, BackendStorage};
+        use candle_core::backend::BackendDevice;
         let (m, k) = layout.shape().dims2()?;
         let (n, wk) = (self.weight.rows, self.weight.cols);
         if k != wk {
@@ -120,7 +118,7 @@ impl CustomOp1 for Nf4LinearInputGrad {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (g, m, n) = contiguous_f32(storage, layout, self.name())?;
+        let (_, m, n) = contiguous_f32(storage, layout, self.name())?;
         let w = &self.weight;
         if n != w.rows {
             candle_core::bail!(
@@ -129,16 +127,11 @@ impl CustomOp1 for Nf4LinearInputGrad {
             );
         }
         let k = w.cols;
-        let deq = w.dequantize();
-        let mut gx = vec![0f32; m * k];
-        for (gr, gxr) in g.chunks(n).zip(gx.chunks_mut(k)) {
-            for (&go, wr) in gr.iter().zip(deq.chunks(k)) {
-                for (a, &b) in gxr.iter_mut().zip(wr) {
-                    *a += go * b;
-                }
-            }
-        }
-        Ok((CpuStorage::F32(gx), Shape::from((m, k))))
+        // `g (m×n) · W (n×k)`, W dequantized again into a temporary for this call only.
+        let deq = CpuStorage::F32(w.dequantize());
+        let wl = Layout::contiguous((n, k));
+        let gx = storage.matmul(&deq, (1, m, k, n), layout, &wl)?;
+        Ok((gx, Shape::from((m, k))))
     }
 
     #[cfg(feature = "cuda")]
@@ -147,7 +140,7 @@ impl CustomOp1 for Nf4LinearInputGrad {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::{BackendDevice, BackendStorage};
+        use candle_core::backend::BackendDevice;
         let (m, n) = layout.shape().dims2()?;
         let k = self.weight.cols;
         let w = storage

@@ -30,6 +30,18 @@ pub struct GpuInfo {
     /// `major.minor`, e.g. `9.0` for H100/H200.
     pub compute_capability: String,
     pub processes: Vec<GpuProcess>,
+    /// Memory the other processes on this GPU hold (those the driver reports a size for; this
+    /// process excluded).
+    pub other_processes_bytes: u64,
+}
+
+/// Bytes held by processes other than `own_pid` (unreported sizes count as 0).
+pub fn other_processes_bytes(processes: &[GpuProcess], own_pid: u32) -> u64 {
+    processes
+        .iter()
+        .filter(|p| p.pid != own_pid)
+        .filter_map(|p| p.used_bytes)
+        .sum()
 }
 
 /// What NVML reports for the machine.
@@ -56,8 +68,9 @@ fn gpu(nvml: &Nvml, index: u32) -> Result<GpuInfo, nvml_wrapper::error::NvmlErro
                 UsedGpuMemory::Unavailable => None,
             },
         })
-        .collect();
+        .collect::<Vec<_>>();
     Ok(GpuInfo {
+        other_processes_bytes: other_processes_bytes(&processes, std::process::id()),
         index,
         name: d.name()?,
         total_bytes: mem.total,
@@ -158,6 +171,18 @@ impl Drop for UsedMemorySampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn other_processes_leave_this_one_and_unreported_sizes_out() {
+        let p = |pid, used_bytes| GpuProcess { pid, used_bytes };
+        let procs = [
+            p(1, Some(3 << 30)),
+            p(2, None),
+            p(7, Some(1 << 30)),
+            p(9, Some(5)),
+        ];
+        assert_eq!(other_processes_bytes(&procs, 7), (3 << 30) + 5);
+    }
 
     #[test]
     fn without_a_driver_inventory_says_so_in_one_line() {

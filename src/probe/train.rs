@@ -99,6 +99,7 @@ mod tests {
             layers: 1,
             heads: 2,
             kv_heads: 1,
+            head_dim: 32,
             intermediate: 128,
             tie_embeddings: true,
             rank: 4,
