@@ -337,11 +337,18 @@ impl Fit {
 pub fn fit(est: &Estimate, gpu: &Gpu) -> Fit {
     let need = est.device_bytes.0;
     let have = gpu.memory().0;
+    let check = crate::estimate::oom_check(est, have);
     Fit {
         gpu: gpu.name.clone(),
         gpu_bytes: gpu.memory(),
-        fits: crate::estimate::oom_check(est, have).fits,
-        headroom_bytes: have as i128 - need as i128,
+        fits: check.fits,
+        // Fits: the margin at the tightest moment of the replay at capacity; else the shortfall
+        // of the step's uncapped device total.
+        headroom_bytes: if check.fits {
+            check.min_headroom_bytes.0 as i128
+        } else {
+            have as i128 - need as i128
+        },
         utilization_pct: need as f64 / have as f64 * 100.0,
         gpu_memory: gpu.memory_text(),
         would_fit: None,

@@ -440,9 +440,8 @@ fn sweep_legend_says_one_sample() {
         "8B",
         "--method",
         "lora",
-        // At 3072 tokens one sample fits a 24 GB card, two do not.
         "--seq",
-        "3072",
+        "4096",
         "--batch",
         "1..8",
         "--gpu",
@@ -461,13 +460,31 @@ fn fit_reports_every_column_at_one_plan_point_and_states_its_ranking() {
     assert!(text.contains("Ranked by estimated tokens/s"), "{text}");
     assert!(text.contains("at max batch × that seq"), "{text}");
     let v = format_json(&["fit", "--model", "8B", "--gpu", "rtx-4090"]);
-    let gpu = v["gpu_bytes"].as_u64().unwrap();
-    for p in v["plans"].as_array().unwrap() {
-        // device + headroom add up to the card at the same point (max batch).
-        assert_eq!(
-            p["device_bytes"].as_u64().unwrap() + p["headroom_bytes"].as_u64().unwrap(),
-            gpu
-        );
+    // The device column is the estimate at the plan's max batch, the point of every column.
+    for p in v["plans"].as_array().unwrap().iter().take(3) {
+        let batch = p["max_batch"].to_string();
+        let ckpt = if p["grad_checkpointing"] == true {
+            "--grad-checkpointing"
+        } else {
+            "--no-grad-checkpointing"
+        };
+        let args = [
+            "estimate",
+            "--model",
+            "8B",
+            "--gpu",
+            "rtx-4090",
+            "--batch",
+            &batch,
+            "--method",
+            p["method"].as_str().unwrap(),
+            "--optimizer",
+            p["optimizer"].as_str().unwrap(),
+            ckpt,
+        ];
+        let e = format_json(&args);
+        assert_eq!(e["device_bytes"], p["device_bytes"], "{args:?}");
+        assert_eq!(e["fits"], true, "{args:?}");
     }
     for r in v["rejected"].as_array().unwrap() {
         let reason = r["reason"].as_str().unwrap();

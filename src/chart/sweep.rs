@@ -204,7 +204,16 @@ fn crossing(job: &Job, axis: SweepAxis, lo: u128, hi: u128, gpu: &Gpu) -> Result
             None,
         ),
         Reach::None => (
-            format!("does not fit {} even at {} {unit}", gpu.name, thousands(lo)),
+            format!(
+                "does not fit {} even at {} {}",
+                gpu.name,
+                thousands(lo),
+                if lo == 1 {
+                    unit.trim_end_matches('s')
+                } else {
+                    unit
+                }
+            ),
             None,
         ),
     };

@@ -425,11 +425,9 @@ pub fn fit(req: &FitRequest) -> Result<FitReport, Error> {
                     max_batch,
                     max_seq,
                     peak_allocated_bytes: e.peak_allocated_bytes,
-                    // At the card's capacity: what the device holds at the tightest moment of the
-                    // replayed step, and the margin left then (they add up to the card).
-                    device_bytes: Bytes(
-                        have - crate::estimate::oom_check(&e, have).min_headroom_bytes.0,
-                    ),
+                    device_bytes: e.device_bytes,
+                    // The margin left at the tightest moment of the step replayed at the card's
+                    // capacity (the allocator frees its cache before running out).
                     headroom_bytes: crate::estimate::oom_check(&e, have).min_headroom_bytes,
                     headroom_at_batch1_bytes: crate::estimate::oom_check(&at1, have)
                         .min_headroom_bytes,
