@@ -30,7 +30,7 @@ use crate::error::Error;
 use crate::method::{Job, Method};
 use crate::units::Bytes;
 
-use activations::{inventory, Dtypes, LayerInventory, Saved};
+use activations::{inventory, Dtypes, Fwd, LayerInventory, Saved};
 use resident::{resident, Resident};
 use runtime::{pytorch_cuda, RuntimeProfile};
 use sharding::{per_gpu, PerGpu};
@@ -404,8 +404,8 @@ fn train_step(
     let mut kept_inputs: Vec<Option<Buf>> = Vec::with_capacity(m.layers as usize);
     for l in 0..r.layer_kind.len() {
         let inv = layer_inv(l);
-        t.transient(Category::Temporaries, inv.fwd_transient);
         if job.grad_checkpointing {
+            t.transient(Category::Temporaries, inv.fwd_transient);
             if offload {
                 t.transient(Category::Activations, inv.input);
                 host += inv.input;
@@ -605,24 +605,57 @@ fn train_step(
     }
 }
 
-/// Allocates the tensors a layer saves for backward, per op (shared tensors once, with the
-/// first op that saves them).
+/// Runs a layer's forward op by op: each op's forward transient (freed when the op ends), then
+/// the tensors it saves for backward (shared tensors once, with the first op that saves them).
+/// In op order, so the caching allocator sees each op's temporaries freed before the next op's
+/// tensors are carved out of them, as autograd runs them.
 fn save_layer(t: &mut Timeline, inv: &LayerInventory) -> Vec<Vec<Buf>> {
     let mut seen = vec![false; inv.tensor_bytes.len()];
+    let mut save = |t: &mut Timeline, s: Saved| match s {
+        Saved::Own(b) => Some(t.tensor(Category::Activations, b)),
+        Saved::Shared(x) if !seen[x] => {
+            seen[x] = true;
+            Some(t.tensor(Category::Activations, inv.tensor_bytes[x]))
+        }
+        Saved::Shared(_) => None,
+    };
     inv.ops
         .iter()
         .map(|op| {
-            op.saved
+            // A script that does not save each saved tensor exactly once (a rule changed the
+            // saved list after it, e.g. Liger's) falls back to the op's one transient.
+            let mut saves: Vec<usize> = op
+                .fwd_script
                 .iter()
-                .filter_map(|s| match *s {
-                    Saved::Own(b) => Some(t.tensor(Category::Activations, b)),
-                    Saved::Shared(x) if !seen[x] => {
-                        seen[x] = true;
-                        Some(t.tensor(Category::Activations, inv.tensor_bytes[x]))
-                    }
-                    Saved::Shared(_) => None,
+                .filter_map(|e| match *e {
+                    Fwd::Save(j) => Some(j),
+                    _ => None,
                 })
-                .collect()
+                .collect();
+            saves.sort_unstable();
+            let scripted =
+                !op.fwd_script.is_empty() && saves == (0..op.saved.len()).collect::<Vec<_>>();
+            if !scripted {
+                t.transient(Category::Temporaries, op.fwd_transient);
+                return op.saved.iter().filter_map(|&s| save(t, s)).collect();
+            }
+            let mut out: Vec<Option<Buf>> = vec![None; op.saved.len()];
+            let mut temps: Vec<Option<Buf>> = Vec::new();
+            for e in &op.fwd_script {
+                match *e {
+                    Fwd::Temp(b) => temps.push(Some(t.tensor(Category::Temporaries, b))),
+                    Fwd::Free(k) => {
+                        if let Some(b) = temps.get_mut(k).and_then(Option::take) {
+                            t.release(b);
+                        }
+                    }
+                    Fwd::Save(j) => out[j] = save(t, op.saved[j]),
+                }
+            }
+            for b in temps.into_iter().flatten() {
+                t.release(b);
+            }
+            out.into_iter().flatten().collect()
         })
         .collect()
 }
