@@ -133,6 +133,8 @@ pub enum Fwd {
     Free(usize),
     /// Allocates the op's j-th saved tensor (`OpCost::saved[j]`) here.
     Save(usize),
+    /// Allocates the op's output here (without it: when the script ends).
+    Out,
 }
 
 /// Builds a forward script: `temp` returns the temporary's index for a later `free`.
@@ -155,6 +157,10 @@ impl Script {
 
     fn save(&mut self, j: usize) {
         self.steps.push(Fwd::Save(j));
+    }
+
+    fn out(&mut self) {
+        self.steps.push(Fwd::Out);
     }
 
     /// A tensor that is saved (`Some(j)`) or else a temporary: returns the temporary.
@@ -184,6 +190,10 @@ pub struct LayerInventory {
     /// The two residual-stream gradients alive through each block's backward (incoming and
     /// outgoing), bytes each.
     pub residual_grad: u128,
+    /// Each op's input tensors and output tensor (the forward walk keeps a tensor alive from
+    /// its op until its last consumer, or until backward when saved).
+    pub inputs: Vec<Vec<T>>,
+    pub outputs: Vec<T>,
 }
 
 impl LayerInventory {
@@ -269,6 +279,8 @@ pub fn inventory(job: &Job, layer: &LayerRecipe, tokens: u128, input_grad: bool)
         fwd_transient: max_fwd + if job.grad_checkpointing { ckpt } else { 0 },
         residual_grad: tokens * cx.dt.residual * layer.tensors[0].width,
         blocks: layer.ops.iter().map(|o| o.block).collect(),
+        inputs: layer.ops.iter().map(|o| o.inputs.clone()).collect(),
+        outputs: layer.ops.iter().map(|o| o.output).collect(),
         tensor_bytes,
         ops,
     }
@@ -387,8 +399,7 @@ fn op_cost(
 /// `LlamaRMSNorm.forward` (transformers 5.17 `models/llama/modeling_llama.py`), intermediate by
 /// intermediate: `hidden_states.to(float32)` (saved: index 0), `pow(2)`, `.mean(-1)`,
 /// `+ eps`, `rsqrt` (saved: 1), `hidden_states * rsqrt`, `.to(input_dtype)` (saved by
-/// `weight *` when the weight trains: 2), the output `weight * ...` (`x_bytes` wide; the op's
-/// output, freed at the end here: its consumers hold what they save).
+/// `weight *` when the weight trains: 2), the output `weight * ...`.
 fn rms_script(
     t: u128,
     w: u128,
@@ -414,13 +425,12 @@ fn rms_script(
     }
     let cast_idx = if in_rg { 2 } else { 0 };
     let cast = s.saved_or_temp(trains.then_some(cast_idx), t * x_bytes * w);
-    let out = s.temp(t * x_bytes * w);
+    s.out();
     s.free(prod);
     s.free(mean);
     if let Some(k) = cast {
         s.free(k);
     }
-    s.free(out);
     s.steps
 }
 
@@ -492,9 +502,7 @@ fn linear(cx: &Ctx, p: &Proj, x: T, x_bytes: u128) -> (OpCost, bool) {
 /// saved tensors 0 and 1 (`trains`). With LoRA (peft 0.21 `tuners/lora/layer.py`
 /// `Linear.forward`): `result = base_layer(x)`, `x = _cast_input_dtype(x, fp32)`, `dropout(x)`
 /// (saved with its mask), `lora_A(...)` (saved: lora_B's input), `lora_B(...)`, `* scaling`,
-/// `result + ...` (fp32 by type promotion), `.to(result dtype)` — the op's output, freed at the
-/// end here (its consumers hold what they save). Without LoRA the output is the op's own and not
-/// modelled here.
+/// `result + ...` (fp32 by type promotion), `.to(result dtype)`: the op's output.
 fn linear_script(
     cx: &Ctx,
     p: &Proj,
@@ -547,9 +555,8 @@ fn linear_script(
     let sum = s.temp(t * ADAPTER_BYTES * p.out_f);
     s.free(scaled);
     s.free(result);
-    let out = s.temp(t * dt.linear_out * p.out_f);
+    s.out();
     s.free(sum);
-    s.free(out);
     s.steps
 }
 
