@@ -161,6 +161,13 @@ pub struct ShardArgs {
     /// PyTorch FSDP sharding strategy: full-shard, shard-grad-op or hybrid-shard.
     #[arg(long)]
     pub fsdp: Option<String>,
+    /// FSDP implementation: 2 (fully_shard) or 1 (FullyShardedDataParallel).
+    #[arg(long, default_value_t = 2)]
+    pub fsdp_version: u8,
+    /// FSDP reduce_dtype: the dtype gradients are reduce-scattered in, fp32 or bf16 [default:
+    /// the gathered parameters' dtype, as torch and accelerate default to].
+    #[arg(long)]
+    pub reduce_dtype: Option<String>,
     /// CPU offload: none, optimizer or optimizer+params.
     #[arg(long, default_value = "none")]
     pub offload: String,
@@ -211,6 +218,16 @@ impl ShardArgs {
         let mut s = Sharding::new(self.gpus as u128, engine);
         s.nodes = self.nodes as u128;
         s.offload = offload;
+        s.fsdp_version = self.fsdp_version;
+        if let Some(d) = &self.reduce_dtype {
+            let d: memplan::Precision = d.parse()?;
+            if !d.is_float() || !matches!(engine, Engine::Fsdp(_)) {
+                anyhow::bail!(
+                    "--reduce-dtype {d}: FSDP reduces gradients in fp32, bf16 or fp16 (with --fsdp)"
+                );
+            }
+            s.reduce_dtype = Some(d);
+        }
         s.reduce_bucket = match &self.reduce_bucket {
             Some(t) => positive_count("--reduce-bucket", t)?,
             None => DEFAULT_REDUCE_BUCKET,
@@ -973,35 +990,35 @@ pub struct ProbeArgs {
     #[arg(long, value_enum, default_value_t = ProbeDevice::Auto)]
     pub device: ProbeDevice,
     /// Toy model (no --model): vocabulary size [default: 256 on the CPU, 32000 on CUDA].
-    #[arg(long, conflicts_with = "model")]
+    #[arg(long, conflicts_with_all = ["model", "from"])]
     pub vocab: Option<usize>,
     /// Toy model: hidden size [default: 128 on the CPU, 512 on CUDA].
-    #[arg(long, conflicts_with = "model")]
+    #[arg(long, conflicts_with_all = ["model", "from"])]
     pub hidden: Option<usize>,
     /// Toy model: decoder layers [default: 2 on the CPU, 4 on CUDA].
-    #[arg(long, conflicts_with = "model")]
+    #[arg(long, conflicts_with_all = ["model", "from"])]
     pub layers: Option<usize>,
     /// Toy model: attention heads [default: 4 on the CPU, 8 on CUDA].
-    #[arg(long, conflicts_with = "model")]
+    #[arg(long, conflicts_with_all = ["model", "from"])]
     pub heads: Option<usize>,
     /// Toy model: key/value heads (grouped-query attention) [default: 2].
-    #[arg(long, conflicts_with = "model")]
+    #[arg(long, conflicts_with_all = ["model", "from"])]
     pub kv_heads: Option<usize>,
     /// Toy model: MLP intermediate size [default: 256 on the CPU, 1408 on CUDA].
-    #[arg(long, conflicts_with = "model")]
+    #[arg(long, conflicts_with_all = ["model", "from"])]
     pub intermediate: Option<usize>,
     /// Toy model: tie lm_head to the embedding.
-    #[arg(long, conflicts_with = "model")]
+    #[arg(long, conflicts_with_all = ["model", "from"])]
     pub tied: bool,
     /// Toy model: frozen weights in fp32 instead of NF4 (the control for the memory comparison;
     /// with --model, --method lora does this).
-    #[arg(long, conflicts_with = "model")]
+    #[arg(long, conflicts_with_all = ["model", "from"])]
     pub fp32_base: bool,
-    /// With --model: the deepest k-layer run (the probe measures k, k-1, …, 1 layers)
-    /// [default: 2 on the CPU, 3 on CUDA; fewer when memory does not allow].
-    #[arg(long, requires = "model")]
+    /// With a plan (--model or --from): the deepest k-layer run (the probe measures k, k-1, …,
+    /// 1 layers) [default: 2 on the CPU, 3 on CUDA; fewer when memory does not allow].
+    #[arg(long)]
     pub probe_layers: Option<usize>,
-    /// With --model: share of the free memory the verdict keeps back, percent.
+    /// With a plan: share of the free memory the verdict keeps back, percent.
     #[arg(long, default_value_t = memplan::probe::plan::DEFAULT_MARGIN_PCT, allow_negative_numbers = true)]
     pub margin_pct: f64,
     /// LoRA alpha (scale alpha/rank).
@@ -1056,7 +1073,7 @@ impl ProbeArgs {
         use memplan::probe::{model::ModelConfig, Backend, PlanRequest, ProbeOptions};
         let backend = self.backend();
         let gpu = backend == Backend::Cuda;
-        if self.job.model.is_some() {
+        if self.job.model.is_some() || self.job.settings.from.is_some() {
             let job = self.job.job()?;
             if !(self.margin_pct.is_finite() && (0.0..100.0).contains(&self.margin_pct)) {
                 anyhow::bail!("--margin-pct {}: a percentage in [0, 100)", self.margin_pct);
@@ -1085,6 +1102,9 @@ impl ProbeArgs {
                 }),
             });
         }
+        if self.probe_layers.is_some() {
+            anyhow::bail!("--probe-layers needs a plan: add --model (or --from)");
+        }
         let d = if gpu { TOY_CUDA } else { TOY_CPU };
         let (hidden, heads) = (self.hidden.unwrap_or(d.1), self.heads.unwrap_or(d.3));
         if heads == 0 || hidden % heads != 0 {
@@ -1101,7 +1121,8 @@ impl ProbeArgs {
             intermediate: self.intermediate.unwrap_or(d.5),
             tie_embeddings: self.tied,
             // Job::new's LoRA defaults (rank 16, dropout 0.05, all-linear) unless given.
-            rank: usize_flag("--rank", s.rank.unwrap_or(16))?,
+            // The toy model's own small default (the shared --rank defaults to 16 for plans).
+            rank: usize_flag("--rank", s.rank.unwrap_or(8))?,
             alpha: self.alpha,
             dropout: s.lora_dropout.unwrap_or(0.05) as f32,
             // The probe's decoder is a dense Llama layer: all-linear reaches its seven projections.

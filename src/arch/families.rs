@@ -220,6 +220,19 @@ fn dims(f: &Fields, inter_field: &str) -> Result<Dims, Error> {
     })
 }
 
+/// The experts count (`field`) and `num_experts_per_tok`, checked against each other.
+fn routing(f: &Fields, field: &str) -> Result<(u128, u128), Error> {
+    let e = f.need(field)?;
+    let k = f.need("num_experts_per_tok")?;
+    if k > e {
+        return Err(f.error(
+            "num_experts_per_tok",
+            format!("({k}) exceeds {field} ({e})"),
+        ));
+    }
+    Ok((e, k))
+}
+
 fn attn(d: &Dims, window: Option<u128>) -> AttnSpec {
     AttnSpec {
         heads: d.heads,
@@ -545,14 +558,7 @@ fn moe(model_type: &str, f: &Fields) -> Result<Recipe, Error> {
     } else {
         "num_local_experts"
     };
-    let e = f.need(experts_field)?;
-    let k = f.need("num_experts_per_tok")?;
-    if k > e {
-        return Err(f.error(
-            "num_experts_per_tok",
-            format!("({k}) exceeds {experts_field} ({e})"),
-        ));
-    }
+    let (e, k) = routing(f, experts_field)?;
     let phimoe = model_type == "phimoe";
     let bias = f.flag("attention_bias", phimoe)?;
     let norm = if phimoe {
@@ -632,14 +638,7 @@ fn moe(model_type: &str, f: &Fields) -> Result<Recipe, Error> {
 /// SwiGLU. The MXFP4 checkpoint is dequantized to bf16 for training (`Mxfp4Config`).
 fn gpt_oss(f: &Fields) -> Result<Recipe, Error> {
     let d = dims(f, "intermediate_size")?;
-    let e = f.need("num_local_experts")?;
-    let k = f.need("num_experts_per_tok")?;
-    if k > e {
-        return Err(f.error(
-            "num_experts_per_tok",
-            format!("({k}) exceeds num_local_experts ({e})"),
-        ));
-    }
+    let (e, k) = routing(f, "num_local_experts")?;
     let window = f.opt("sliding_window")?;
     let sliding = match f.layer_types(d.layers)? {
         Some(t) => t,
@@ -700,14 +699,7 @@ fn deepseek(model_type: &str, f: &Fields) -> Result<Recipe, Error> {
     let vd = f.need("v_head_dim")?;
     let kv_lora_rank = f.need("kv_lora_rank")?;
     let q_lora_rank = f.opt("q_lora_rank")?;
-    let e = f.need("n_routed_experts")?;
-    let k = f.need("num_experts_per_tok")?;
-    if k > e {
-        return Err(f.error(
-            "num_experts_per_tok",
-            format!("({k}) exceeds n_routed_experts ({e})"),
-        ));
-    }
+    let (e, k) = routing(f, "n_routed_experts")?;
     let mi = f.need("moe_intermediate_size")?;
     let shared = f.opt("n_shared_experts")?.unwrap_or(0);
     let first_dense = f.opt("first_k_dense_replace")?.unwrap_or(0);
@@ -780,14 +772,7 @@ fn deepseek(model_type: &str, f: &Fields) -> Result<Recipe, Error> {
 /// `intermediate_size_mlp`, a weightless L2 norm on q and k in RoPE layers.
 fn llama4_text(f: &Fields) -> Result<Recipe, Error> {
     let d = dims(f, "intermediate_size")?;
-    let e = f.need("num_local_experts")?;
-    let k = f.need("num_experts_per_tok")?;
-    if k > e {
-        return Err(f.error(
-            "num_experts_per_tok",
-            format!("({k}) exceeds num_local_experts ({e})"),
-        ));
-    }
+    let (e, k) = routing(f, "num_local_experts")?;
     let step = f.or("interleave_moe_layer_step", 1)?;
     let dense_inter = f.or("intermediate_size_mlp", d.inter)?;
     let nope = f.index_list("no_rope_layers")?;

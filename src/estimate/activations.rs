@@ -46,6 +46,8 @@ use crate::dtype::Precision;
 use crate::method::{Attention, Job, Method};
 
 use super::resident::{dense_param_bytes, ADAPTER_BYTES};
+// FSDP-HOOK(m): the adapter dtype is FSDP's param_dtype under mixed precision (sharding.rs).
+use super::sharding::adapter_bytes;
 
 /// Dtypes of the tensors flowing through the model, in bytes per element.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -316,6 +318,21 @@ fn op_cost(
                         c.saved.push(Saved::Own(t * 4 * n.groups));
                     }
                 }
+                // FSDP-HOOK(n): the RMSNorm backward's fp32 temporaries, four b·s·w at once
+                // (div, pow, mul and mul of the derivative of `x * rsqrt(mean(x²) + eps)`,
+                // traced in tests/reference/fsdp_trace.py); they set the peak of FSDP steps
+                // with small vocabularies (Mistral, tests/fsdp_reference.rs). They exist on one
+                // GPU too, but are applied to FSDP jobs only so that single-GPU estimates stay
+                // bit-identical to tests/data/unsharded-peaks.txt (the lead's to adopt: with
+                // them, 4 single-GPU cases change in reserved bytes only, by ±0.6%).
+                let fsdp = cx
+                    .job
+                    .sharding
+                    .as_ref()
+                    .is_some_and(|s| matches!(s.engine, super::sharding::Engine::Fsdp(_)));
+                if n.kind != NormKind::Layer && fsdp {
+                    c.bwd_transient = t * 16 * w;
+                }
             }
             let normed = match n.kind {
                 NormKind::Rms => bytes_of(x),
@@ -469,27 +486,35 @@ fn linear(cx: &Ctx, p: &Proj, x: T, x_bytes: u128) -> (OpCost, bool) {
             .push((p.in_f * p.out_f + if p.bias { p.out_f } else { 0 }) * cx.param_bytes());
     }
     let lora = cx.lora(p);
+    // The adapter dtype: fp32, or FSDP's gathered param_dtype under mixed precision (FSDP-HOOK(m)).
+    let a = adapter_bytes(cx.job);
     if let Some(l) = lora {
         // lora_B (a trainable nn.Linear) saves its input: lora_A's fp32 output, r wide.
-        c.saved.push(Saved::Own(t * ADAPTER_BYTES * l.rank));
+        c.saved.push(Saved::Own(t * a * l.rank));
         if l.dropout > 0.0 {
-            c.saved.push(Saved::Own(t * (ADAPTER_BYTES + 1) * p.in_f));
-        } else if x_bytes == ADAPTER_BYTES {
+            c.saved.push(Saved::Own(t * (a + 1) * p.in_f));
+        } else if x_bytes == a {
             c.saved.push(Saved::Shared(x));
         } else {
-            c.saved.push(Saved::Own(t * ADAPTER_BYTES * p.in_f));
+            c.saved.push(Saved::Own(t * a * p.in_f));
         }
         // fp32 LoRA output and the fp32 sum before the cast back (peft `result + lora_out`).
-        c.fwd_transient += t * 8 * p.out_f;
-        c.grads.push(l.rank * (p.in_f + p.out_f) * ADAPTER_BYTES);
+        c.fwd_transient += t * 2 * a * p.out_f;
+        c.grads.push(l.rank * (p.in_f + p.out_f) * a);
     }
     // Backward: the input gradient; with LoRA the fp32 gradient of the sum, its 16-bit cast for
     // the base (when the output is not fp32), the scaled copy for lora_B, and lora_A's fp32 input
     // gradient; the dequantized weight again.
     let mut bwd = t * dt.linear_out * p.in_f + dequant;
     if lora.is_some() {
-        let cast = if dt.linear_out == 4 { 0 } else { dt.linear_out };
-        bwd += t * ((4 + cast + 4) * p.out_f + 4 * p.in_f);
+        if a != ADAPTER_BYTES && a == dt.linear_out {
+            // FSDP mixed precision (FSDP-HOOK(m)): adapters in the output's dtype, so no
+            // promoted sum and no cast: the scaled copy for lora_B and lora_A's input gradient.
+            bwd += t * a * (p.out_f + p.in_f);
+        } else {
+            let cast = if dt.linear_out == a { 0 } else { dt.linear_out };
+            bwd += t * ((a + cast + a) * p.out_f + a * p.in_f);
+        }
     }
     c.bwd_transient = bwd;
     c.fwd_script = linear_script(cx, p, x_bytes, dequant, trains, &c.saved);

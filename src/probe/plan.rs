@@ -245,7 +245,8 @@ pub struct PlanCheck {
     pub peak_allocated_bytes: u64,
     /// Reserved + CUDA context (what NVML would show in use).
     pub device_bytes: u64,
-    /// `device_bytes` ≤ the free memory less the margin.
+    /// The step, replayed through the caching allocator with the free memory less the margin,
+    /// never runs out (as `memplan estimate --gpu` decides; `device_bytes` within it fits).
     pub fits: bool,
     /// One line: needs, has, fits or not, and the suggestion.
     pub verdict: String,
@@ -274,9 +275,15 @@ pub fn usable(free: u64, margin_pct: f64) -> u64 {
     (free as f64 * keep).floor() as u64
 }
 
-/// Estimates `job` with the default PyTorch profile.
-fn device_bytes(job: &Job) -> Result<u128, Error> {
-    Ok(estimate_with(job, &pytorch_cuda())?.device_bytes.0)
+/// Whether `job` fits `have` bytes as `memplan estimate --gpu` decides it: the step replayed
+/// through the caching allocator at that capacity runs out of memory nowhere
+/// ([`crate::estimate::oom_check`]).
+pub fn fits_in(est: &Estimate, have: u64) -> bool {
+    crate::estimate::oom_check(est, u128::from(have)).fits
+}
+
+fn job_fits(job: &Job, have: u64) -> Result<bool, Error> {
+    Ok(fits_in(&estimate_with(job, &pytorch_cuda())?, have))
 }
 
 /// The largest `x` in `[1, hi]` with `fits(x)`, given `fits(1)`, by bisection (device bytes grow
@@ -302,10 +309,9 @@ fn largest(hi: u128, mut fits: impl FnMut(u128) -> Result<bool, Error>) -> Resul
 /// checked against the estimate of the plan itself (the search rebuilds jobs from the method's
 /// defaults, so e.g. `--kbit-prep` is not part of it).
 pub fn suggestion(job: &Job, have: u64, fits_now: bool) -> Result<Option<String>, Error> {
-    let have128 = u128::from(have);
     let mut req = FitRequest::new(
         job.clone(),
-        Gpu::of_size("free memory", Bytes(have128)),
+        Gpu::of_size("free memory", Bytes(u128::from(have))),
         pytorch_cuda(),
     );
     req.methods = vec![job.method];
@@ -315,13 +321,13 @@ pub fn suggestion(job: &Job, have: u64, fits_now: bool) -> Result<Option<String>
         let mut j = job.clone();
         j.grad_checkpointing = ckpt;
         j.batch = 1;
-        if device_bytes(&j)? > have128 {
+        if !job_fits(&j, have)? {
             return Ok(None);
         }
         let set = |x: u128| {
             let mut j = j.clone();
             j.batch = x;
-            device_bytes(&j).map(|d| d <= have128)
+            job_fits(&j, have)
         };
         Ok(Some(largest(found.max(1), set)?))
     };
@@ -358,11 +364,11 @@ pub fn suggestion(job: &Job, have: u64, fits_now: bool) -> Result<Option<String>
     let mut j = job.clone();
     j.batch = 1;
     j.seq = 1;
-    if device_bytes(&j)? <= have128 {
+    if job_fits(&j, have)? {
         let s = largest(job.seq, |x| {
             let mut j = j.clone();
             j.seq = x;
-            device_bytes(&j).map(|d| d <= have128)
+            job_fits(&j, have)
         })?;
         return Ok(Some(format!("at `--batch 1 --seq {s}` it does")));
     }
@@ -371,7 +377,8 @@ pub fn suggestion(job: &Job, have: u64, fits_now: bool) -> Result<Option<String>
     ))
 }
 
-/// The verdict line and whether the plan fits: PyTorch's estimate against `free` less the margin.
+/// The verdict line and whether the plan fits: PyTorch's estimate against `free` less the margin,
+/// decided like `memplan estimate --gpu` ([`fits_in`]).
 pub fn verdict(
     est: &Estimate,
     device: &str,
@@ -380,7 +387,7 @@ pub fn verdict(
     suggestion: Option<&str>,
 ) -> (bool, String) {
     let have = usable(free, margin_pct);
-    let fits = est.device_bytes.0 <= u128::from(have);
+    let fits = fits_in(est, have);
     let mut line = format!(
         "needs {} allocated, {} on the device; {device} has {} free ({} after the {margin_pct}% margin): {}",
         gib(est.peak_allocated_bytes.0),
@@ -482,8 +489,8 @@ mod tests {
             .unwrap_or_else(|_| panic!("{s}"));
         assert!((1..8).contains(&b), "{s}");
         // The suggestion is the boundary: b fits, b + 1 does not.
-        assert!(at(b).device_bytes.0 <= u128::from(have));
-        assert!(at(b + 1).device_bytes.0 > u128::from(have));
+        assert!(fits_in(&at(b), have));
+        assert!(!fits_in(&at(b + 1), have));
         let (fits, line) = verdict(&e8, "GPU 0", free, DEFAULT_MARGIN_PCT, Some(&s));
         assert!(!fits);
         assert!(line.contains("does not fit — at `--batch"), "{line}");

@@ -663,7 +663,7 @@ fn plan_check(
     let job = &req.job;
     let est = crate::estimate::estimate(job)?;
     let have = plan::usable(free, req.margin_pct);
-    let fits_now = est.device_bytes.0 <= u128::from(have);
+    let fits_now = plan::fits_in(&est, have);
     let suggestion = plan::suggestion(job, have, fits_now)?;
     let device = free_of.split(" (").next().unwrap_or(free_of);
     let (fits, verdict) = plan::verdict(&est, device, free, req.margin_pct, suggestion.as_deref());
