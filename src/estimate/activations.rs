@@ -120,6 +120,61 @@ pub struct OpCost {
     pub bwd_stages: Vec<(u128, usize)>,
     /// Parameter gradients the op's backward creates (bytes each).
     pub grads: Vec<u128>,
+    /// The op's forward, intermediate by intermediate in the order PyTorch allocates them
+    /// (temporaries freed where the op frees them, saved tensors allocated where they are
+    /// created). Empty: `fwd_transient` once, then the saved tensors.
+    pub fwd_script: Vec<Fwd>,
+}
+
+/// One step of an op's forward script ([`OpCost::fwd_script`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fwd {
+    /// A temporary of this many bytes; the k-th `Temp` of a script is temporary k.
+    Temp(u128),
+    /// Frees temporary k (what is still live when the script ends is freed then).
+    Free(usize),
+    /// Allocates the op's j-th saved tensor (`OpCost::saved[j]`) here.
+    Save(usize),
+    /// Allocates the op's output here (without it: when the script ends).
+    Out,
+}
+
+/// Builds a forward script: `temp` returns the temporary's index for a later `free`.
+#[derive(Default)]
+struct Script {
+    steps: Vec<Fwd>,
+    temps: usize,
+}
+
+impl Script {
+    fn temp(&mut self, bytes: u128) -> usize {
+        self.steps.push(Fwd::Temp(bytes));
+        self.temps += 1;
+        self.temps - 1
+    }
+
+    fn free(&mut self, k: usize) {
+        self.steps.push(Fwd::Free(k));
+    }
+
+    fn save(&mut self, j: usize) {
+        self.steps.push(Fwd::Save(j));
+    }
+
+    fn out(&mut self) {
+        self.steps.push(Fwd::Out);
+    }
+
+    /// A tensor that is saved (`Some(j)`) or else a temporary: returns the temporary.
+    fn saved_or_temp(&mut self, j: Option<usize>, bytes: u128) -> Option<usize> {
+        match j {
+            Some(j) => {
+                self.save(j);
+                None
+            }
+            None => Some(self.temp(bytes)),
+        }
+    }
 }
 
 /// A layer's inventory for `tokens` tokens.
@@ -137,6 +192,10 @@ pub struct LayerInventory {
     /// The two residual-stream gradients alive through each block's backward (incoming and
     /// outgoing), bytes each.
     pub residual_grad: u128,
+    /// Each op's input tensors and output tensor (the forward walk keeps a tensor alive from
+    /// its op until its last consumer, or until backward when saved).
+    pub inputs: Vec<Vec<T>>,
+    pub outputs: Vec<T>,
 }
 
 impl LayerInventory {
@@ -222,6 +281,8 @@ pub fn inventory(job: &Job, layer: &LayerRecipe, tokens: u128, input_grad: bool)
         fwd_transient: max_fwd + if job.grad_checkpointing { ckpt } else { 0 },
         residual_grad: tokens * cx.dt.residual * layer.tensors[0].width,
         blocks: layer.ops.iter().map(|o| o.block).collect(),
+        inputs: layer.ops.iter().map(|o| o.inputs.clone()).collect(),
+        outputs: layer.ops.iter().map(|o| o.output).collect(),
         tensor_bytes,
         ops,
     }
@@ -252,7 +313,10 @@ fn op_cost(
                         c.saved.push(Saved::Own(t * 8 * n.groups));
                     }
                     // fp32 input copy and rsqrt.
-                    _ => c.saved.push(Saved::Own(t * (4 * w + 4 * n.groups))),
+                    _ => {
+                        c.saved.push(Saved::Own(t * 4 * w));
+                        c.saved.push(Saved::Own(t * 4 * n.groups));
+                    }
                 }
                 // FSDP-HOOK(n): the RMSNorm backward's fp32 temporaries, four b·s·w at once
                 // (div, pow, mul and mul of the derivative of `x * rsqrt(mean(x²) + eps)`,
@@ -270,16 +334,19 @@ fn op_cost(
                     c.bwd_transient = t * 16 * w;
                 }
             }
+            let normed = match n.kind {
+                NormKind::Rms => bytes_of(x),
+                NormKind::RmsGemma | NormKind::RmsFp32Weight => 4,
+                NormKind::Layer | NormKind::L2 => 0,
+            };
             if trains {
-                let normed = match n.kind {
-                    NormKind::Rms => bytes_of(x),
-                    NormKind::RmsGemma | NormKind::RmsFp32Weight => 4,
-                    NormKind::Layer | NormKind::L2 => 0,
-                };
                 if normed > 0 {
                     c.saved.push(Saved::Own(t * normed * w));
                 }
                 c.grads.push(n.param_count() * cx.param_bytes());
+            }
+            if n.kind == NormKind::Rms {
+                c.fwd_script = rms_script(t, w, n.groups, bytes_of(x), in_rg, trains);
             }
             (c, trains)
         }
@@ -344,6 +411,44 @@ fn op_cost(
         OpKind::Experts(e) => experts(cx, e, in_rg),
         OpKind::Add | OpKind::Scale => (c, false),
     }
+}
+
+/// `LlamaRMSNorm.forward` (transformers 5.17 `models/llama/modeling_llama.py`), intermediate by
+/// intermediate: `hidden_states.to(float32)` (saved: index 0), `pow(2)`, `.mean(-1)`,
+/// `+ eps`, `rsqrt` (saved: 1), `hidden_states * rsqrt`, `.to(input_dtype)` (saved by
+/// `weight *` when the weight trains: 2), the output `weight * ...`.
+fn rms_script(
+    t: u128,
+    w: u128,
+    groups: u128,
+    x_bytes: u128,
+    in_rg: bool,
+    trains: bool,
+) -> Vec<Fwd> {
+    let mut s = Script::default();
+    let upcast = s.saved_or_temp(in_rg.then_some(0), t * 4 * w);
+    let pow = s.temp(t * 4 * w);
+    let mean = s.temp(t * 4 * groups);
+    s.free(pow);
+    let eps = s.temp(t * 4 * groups);
+    let rsqrt = s.saved_or_temp(in_rg.then_some(1), t * 4 * groups);
+    s.free(eps);
+    let prod = s.temp(t * 4 * w);
+    if let Some(k) = rsqrt {
+        s.free(k);
+    }
+    if let Some(k) = upcast {
+        s.free(k);
+    }
+    let cast_idx = if in_rg { 2 } else { 0 };
+    let cast = s.saved_or_temp(trains.then_some(cast_idx), t * x_bytes * w);
+    s.out();
+    s.free(prod);
+    s.free(mean);
+    if let Some(k) = cast {
+        s.free(k);
+    }
+    s.steps
 }
 
 /// The op whose inputs are `inputs` (to find the attention output tensor).
@@ -412,7 +517,72 @@ fn linear(cx: &Ctx, p: &Proj, x: T, x_bytes: u128) -> (OpCost, bool) {
         }
     }
     c.bwd_transient = bwd;
+    c.fwd_script = linear_script(cx, p, x_bytes, dequant, trains, &c.saved);
     (c, trains || lora.is_some())
+}
+
+/// The forward of a Linear, intermediate by intermediate. The base layer: bitsandbytes'
+/// `MatMul4Bit.forward` dequantizes the weight (`dequant` bytes, freed after the matmul;
+/// bitsandbytes 0.50.2 `autograd/_functions.py`); autocast's input and weight casts are the
+/// saved tensors 0 and 1 (`trains`). With LoRA (peft 0.21 `tuners/lora/layer.py`
+/// `Linear.forward`): `result = base_layer(x)`, `x = _cast_input_dtype(x, fp32)`, `dropout(x)`
+/// (saved with its mask), `lora_A(...)` (saved: lora_B's input), `lora_B(...)`, `* scaling`,
+/// `result + ...` (fp32 by type promotion), `.to(result dtype)`: the op's output.
+fn linear_script(
+    cx: &Ctx,
+    p: &Proj,
+    x_bytes: u128,
+    dequant: u128,
+    trains: bool,
+    saved: &[Saved],
+) -> Vec<Fwd> {
+    let t = cx.tokens;
+    let dt = cx.dt;
+    let mut s = Script::default();
+    let mut j = 0;
+    if trains {
+        // The autocast input cast (or the shared input) and the weight copy.
+        for _ in 0..saved.len().min(if dt.autocast { 2 } else { 1 }) {
+            s.save(j);
+            j += 1;
+        }
+    }
+    let dq = (dequant > 0).then(|| s.temp(dequant));
+    let Some(l) = cx.lora(p) else {
+        if let Some(k) = dq {
+            s.free(k);
+        }
+        // The saved tensors the rule adds after these (none today) at the end.
+        while j < saved.len() {
+            s.save(j);
+            j += 1;
+        }
+        return s.steps;
+    };
+    let result = s.temp(t * dt.linear_out * p.out_f);
+    if let Some(k) = dq {
+        s.free(k);
+    }
+    let (a_out, x_saved) = (j, j + 1);
+    if l.dropout > 0.0 {
+        let cast = (x_bytes != ADAPTER_BYTES).then(|| s.temp(t * ADAPTER_BYTES * p.in_f));
+        s.save(x_saved);
+        if let Some(k) = cast {
+            s.free(k);
+        }
+    } else {
+        s.save(x_saved);
+    }
+    s.save(a_out);
+    let b_out = s.temp(t * ADAPTER_BYTES * p.out_f);
+    let scaled = s.temp(t * ADAPTER_BYTES * p.out_f);
+    s.free(b_out);
+    let sum = s.temp(t * ADAPTER_BYTES * p.out_f);
+    s.free(scaled);
+    s.free(result);
+    s.out();
+    s.free(sum);
+    s.steps
 }
 
 /// Whether SDPA needs a mask for this layer (and so runs memory-efficient attention): a sliding

@@ -30,7 +30,7 @@ use crate::error::Error;
 use crate::method::{Job, Method};
 use crate::units::Bytes;
 
-use activations::{inventory, Dtypes, LayerInventory, Saved};
+use activations::{inventory, Dtypes, Fwd, LayerInventory, Saved};
 use resident::{resident, Resident};
 use runtime::{pytorch_cuda, RuntimeProfile};
 use sharding::{per_gpu, PerGpu};
@@ -421,24 +421,37 @@ fn train_step(
         .collect();
     let mut layer_saved: Vec<Vec<Vec<Buf>>> = Vec::with_capacity(m.layers as usize);
     let mut kept_inputs: Vec<Option<Buf>> = Vec::with_capacity(m.layers as usize);
+    // The residual stream between layers: each layer's output is the next one's input (the
+    // embedding output, before the first layer, is not tracked).
+    let mut stream: Option<Buf> = None;
     for l in 0..r.layer_kind.len() {
         let inv = layer_inv(l);
         if let Some(f) = &fsdp {
             f.layer_forward_pre(t); // FSDP-HOOK(e)
         }
-        t.transient(Category::Temporaries, inv.fwd_transient);
         if job.grad_checkpointing {
-            if offload {
-                t.transient(Category::Activations, inv.input);
+            // Checkpointing keeps the layer input for the recompute and nothing else.
+            let input = if offload {
+                let b = stream
+                    .take()
+                    .unwrap_or_else(|| t.tensor(Category::Activations, inv.input));
                 host += inv.input;
                 kept_inputs.push(None);
+                Some(b)
             } else {
-                kept_inputs.push(Some(t.tensor(Category::Activations, inv.input)));
-            }
+                let b = stream
+                    .take()
+                    .unwrap_or_else(|| t.tensor(Category::Activations, inv.input));
+                kept_inputs.push(Some(b));
+                Some(b)
+            };
+            let (_, out) = forward_layer(t, inv, input, offload, false, true, true);
+            stream = out;
             layer_saved.push(Vec::new());
         } else {
             kept_inputs.push(None);
-            let saved = save_layer(t, inv);
+            let (saved, out) = forward_layer(t, inv, None, true, true, true, false);
+            stream = out;
             if offload {
                 saved.into_iter().flatten().for_each(|b| t.release(b));
                 host += inv.saved();
@@ -451,7 +464,15 @@ fn train_step(
             f.layer_forward_post(t); // FSDP-HOOK(f)
         }
     }
-    let head_saved = save_layer(t, &head);
+    let (head_saved, _) = forward_layer(
+        t,
+        &head,
+        stream.take(),
+        true,
+        true,
+        false,
+        job.grad_checkpointing,
+    );
     if fused_loss {
         loss_events(t, &lw.forward);
     }
@@ -539,11 +560,12 @@ fn train_step(
         // Offloaded: the checkpointed input (or the saved tensors) come back for this layer.
         let back =
             (offload && job.grad_checkpointing).then(|| t.tensor(Category::Activations, inv.input));
-        let saved = if job.grad_checkpointing {
-            t.transient(Category::Temporaries, inv.fwd_transient);
-            save_layer(t, inv)
-        } else if offload {
-            save_layer(t, inv)
+        let saved = if job.grad_checkpointing || offload {
+            // The recompute (or the saved tensors brought back), from the kept input.
+            if job.grad_checkpointing {
+                t.transient(Category::Temporaries, inv.fwd_transient);
+            }
+            forward_layer(t, inv, None, false, true, false, false).0
         } else {
             std::mem::take(&mut layer_saved[l])
         };
@@ -661,26 +683,170 @@ fn train_step(
     }
 }
 
-/// Allocates the tensors a layer saves for backward, per op (shared tensors once, with the
-/// first op that saves them).
-fn save_layer(t: &mut Timeline, inv: &LayerInventory) -> Vec<Vec<Buf>> {
-    let mut seen = vec![false; inv.tensor_bytes.len()];
-    inv.ops
-        .iter()
-        .map(|op| {
-            op.saved
-                .iter()
-                .filter_map(|s| match *s {
-                    Saved::Own(b) => Some(t.tensor(Category::Activations, b)),
-                    Saved::Shared(x) if !seen[x] => {
+/// Runs a layer's forward op by op, as autograd does: each op's script (its temporaries,
+/// freed where the op frees them; its saved tensors, allocated where they are created) or, for
+/// an op without one, its one forward transient; each op's output, alive until its last
+/// consumer has run, or until backward when an op saves it (`save`: autograd records; false
+/// under checkpointing, where nothing is kept). In op order, so the caching allocator sees each
+/// op's temporaries freed before later tensors are carved out of them.
+///
+/// `input`: the layer input's buffer (the previous layer's output), freed after its last
+/// consumer when `free_input`; `None`: not tracked (a saved input is then allocated where it
+/// is saved). Returns the tensors saved per op and the layer's output (the last op's), which is
+/// not allocated unless `keep_output` (checkpoint recompute stops once the saved tensors exist;
+/// lm_head's output is the logits, which the caller walks).
+fn forward_layer(
+    t: &mut Timeline,
+    inv: &LayerInventory,
+    input: Option<Buf>,
+    free_input: bool,
+    save: bool,
+    keep_output: bool,
+    track: bool,
+) -> (Vec<Vec<Buf>>, Option<Buf>) {
+    let n = inv.tensor_bytes.len();
+    let n_ops = inv.ops.len();
+    // The last op reading each tensor; whether some op saves it (first saver holds it).
+    let mut last_use: Vec<Option<usize>> = vec![None; n];
+    for (i, ins) in inv.inputs.iter().enumerate() {
+        for &x in ins {
+            last_use[x] = Some(i);
+        }
+    }
+    let mut will_save = vec![false; n];
+    if save {
+        for op in &inv.ops {
+            for s in &op.saved {
+                if let Saved::Shared(x) = *s {
+                    will_save[x] = true;
+                }
+            }
+        }
+    }
+    let mut bufs: Vec<Option<Buf>> = vec![None; n];
+    bufs[0] = input;
+    let mut seen = vec![false; n];
+    let mut layer_out = None;
+    let mut per_op = Vec::with_capacity(n_ops);
+    for (i, op) in inv.ops.iter().enumerate() {
+        let o = inv.outputs.get(i).copied();
+        let is_last = i + 1 == n_ops;
+        let alloc_out = |t: &mut Timeline, bufs: &mut Vec<Option<Buf>>| {
+            if let Some(o) = o {
+                if bufs[o].is_none() && (!is_last || keep_output) {
+                    let cat = if will_save[o] || is_last {
+                        Category::Activations
+                    } else {
+                        Category::Temporaries
+                    };
+                    bufs[o] = Some(t.tensor(cat, inv.tensor_bytes[o]));
+                }
+            }
+        };
+        let mut save_one =
+            |t: &mut Timeline, bufs: &mut Vec<Option<Buf>>, s: Saved| -> Option<Buf> {
+                match s {
+                    Saved::Own(b) => Some(t.tensor(
+                        if save {
+                            Category::Activations
+                        } else {
+                            Category::Temporaries
+                        },
+                        b,
+                    )),
+                    Saved::Shared(x) if save && !seen[x] => {
                         seen[x] = true;
-                        Some(t.tensor(Category::Activations, inv.tensor_bytes[x]))
+                        Some(bufs[x].take().unwrap_or_else(|| {
+                            t.tensor(Category::Activations, inv.tensor_bytes[x])
+                        }))
                     }
                     Saved::Shared(_) => None,
-                })
-                .collect()
-        })
-        .collect()
+                }
+            };
+        // A script that does not save each saved tensor exactly once (a rule changed the saved
+        // list after it, e.g. Liger's) falls back to the op's one transient.
+        let mut saves: Vec<usize> = op
+            .fwd_script
+            .iter()
+            .filter_map(|e| match *e {
+                Fwd::Save(j) => Some(j),
+                _ => None,
+            })
+            .collect();
+        saves.sort_unstable();
+        let scripted =
+            !op.fwd_script.is_empty() && saves == (0..op.saved.len()).collect::<Vec<_>>();
+        let mut out: Vec<Option<Buf>> = vec![None; op.saved.len()];
+        let mut temps: Vec<Option<Buf>> = Vec::new();
+        if scripted {
+            for e in &op.fwd_script {
+                match *e {
+                    Fwd::Temp(b) => temps.push(Some(t.tensor(Category::Temporaries, b))),
+                    Fwd::Free(k) => {
+                        if let Some(b) = temps.get_mut(k).and_then(Option::take) {
+                            t.release(b);
+                        }
+                    }
+                    Fwd::Save(j) => out[j] = save_one(t, &mut bufs, op.saved[j]),
+                    Fwd::Out if !track => {
+                        if let Some(o) = o {
+                            temps.push(Some(t.tensor(Category::Temporaries, inv.tensor_bytes[o])));
+                        }
+                    }
+                    Fwd::Out => alloc_out(t, &mut bufs),
+                }
+            }
+        } else {
+            temps.push(Some(t.tensor(Category::Temporaries, op.fwd_transient)));
+            for (j, &s) in op.saved.iter().enumerate() {
+                out[j] = save_one(t, &mut bufs, s);
+            }
+        }
+        if track {
+            alloc_out(t, &mut bufs);
+        }
+        for b in temps.into_iter().flatten() {
+            t.release(b);
+        }
+        // Not saving: what the op "saved" was only its own intermediate.
+        if !save {
+            for b in out.drain(..).flatten() {
+                t.release(b);
+            }
+        }
+        per_op.push(out.into_iter().flatten().collect());
+        // Inputs whose last consumer this was (the layer input only when the caller lets go).
+        let mut dead: Vec<crate::arch::T> = inv.inputs[i]
+            .iter()
+            .copied()
+            .filter(|&x| last_use[x] == Some(i) && (x != 0 || free_input))
+            .collect();
+        dead.sort_unstable();
+        dead.dedup();
+        if let Some(o) = o {
+            if last_use[o].is_none() && !is_last {
+                dead.push(o);
+            }
+        }
+        for x in dead {
+            if let Some(b) = bufs[x].take() {
+                t.release(b);
+            }
+        }
+        if is_last {
+            layer_out = o.and_then(|o| bufs[o].take());
+        }
+    }
+    // Tensors nobody consumed inside the layer (none in a well-formed recipe) go now, except
+    // the caller's input.
+    for (x, b) in bufs.into_iter().enumerate() {
+        if let Some(b) = b {
+            if x != 0 || free_input {
+                t.release(b);
+            }
+        }
+    }
+    (per_op, layer_out)
 }
 
 /// The backward of one layer, block by block in reverse: the incoming and outgoing residual
