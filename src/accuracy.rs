@@ -9,17 +9,17 @@ pub const CASES: usize = 75;
 pub const ALLOCATED_MEDIAN_PCT: f64 = 0.01;
 pub const ALLOCATED_WORST_PCT: f64 = 2.3;
 /// The same for `peak_reserved_bytes` (the caching-allocator replay, `crate::alloc`).
-pub const RESERVED_MEDIAN_PCT: f64 = 1.7;
+pub const RESERVED_MEDIAN_PCT: f64 = 1.5;
 pub const RESERVED_WORST_PCT: f64 = 18.0;
 
 /// `median 0.01%, worst 2.3%` (peak allocated).
 pub const ALLOCATED_SUMMARY: &str = "median 0.01%, worst 2.3%";
-/// `median 1.7%, worst 18%` (peak reserved).
-pub const RESERVED_SUMMARY: &str = "median 1.7%, worst 18%";
+/// `median 1.5%, worst 18%` (peak reserved).
+pub const RESERVED_SUMMARY: &str = "median 1.5%, worst 18%";
 
 /// The accuracy note of the `allocator_reserve` component.
 pub const RESERVED_ACCURACY: &str =
-    "approximate (simulated caching allocator): peak reserved off by a median 1.7%, worst 18% on the H200 measurements";
+    "approximate (simulated caching allocator): peak reserved off by a median 1.5%, worst 18% on the H200 measurements";
 
 /// What `--explain` says about accuracy.
 pub fn explain_note() -> String {
