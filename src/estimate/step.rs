@@ -1,0 +1,768 @@
+//! The training step as tensor events: the recipe's layers walked forward (each op's saved
+//! tensors and intermediates, `activations::OpCost`), the logits and loss, the backward layer by
+//! layer (recompute under checkpointing, each op in reverse releasing what it saved and creating
+//! its gradients), the optimizer step and `zero_grad` — on a [`Timeline`] that the caching
+//! allocator replays (`super::finish`).
+
+use super::*;
+
+/// Formula text for the step-dependent components.
+#[derive(Debug, Default)]
+pub(super) struct StepExplain {
+    pub(super) activations: String,
+    pub(super) logits: String,
+    pub(super) temporaries: String,
+    pub(super) kv_cache: String,
+    /// Host RAM holding offloaded activations (`--activation-offload`).
+    pub(super) host_bytes: u128,
+}
+
+pub(super) fn train_step(
+    job: &Job,
+    sh: &PerGpu,
+    t: &mut Timeline,
+    step: u32,
+    state: &[u128],
+    step_temps: &[u128],
+) -> StepExplain {
+    // FSDP-HOOK(a): under FSDP mixed precision the step computes on the gathered 16-bit
+    // copies: walk the 16-bit job (sharding.rs `walk_job`); resident state stays the job's.
+    let walk = sharding::walk_job(job);
+    let job: &Job = &walk;
+    // FSDP-HOOK(b): FSDP's per-unit buffers (sharding.rs `FsdpWalk`), None otherwise.
+    let fsdp = sh.fsdp.as_ref().map(sharding::FsdpWalk::new);
+    let m = &job.model;
+    let r = &m.recipe;
+    let tokens = job.tokens();
+    let dt = Dtypes::of(job);
+    let lg = logits::logits(&dt, tokens, m.vocab);
+    let full = job.method == Method::Full;
+
+    // The layer inventories: one per layer kind, and the first layer's own when its input needs
+    // no gradient (a frozen base's embedding output) — an op saves tensors only when one of its
+    // inputs needs a gradient or it owns a trained parameter.
+    let first_input_grad = !(matches!(job.method, Method::Lora | Method::Qlora)
+        && !(job.kbit_prep && job.grad_checkpointing));
+    // HOOK(configs, liger kernels): Liger's RMSNorm/SwiGLU save less (liger.rs); identity
+    // without --liger-kernels.
+    let kinds: Vec<LayerInventory> = r
+        .kinds
+        .iter()
+        .map(|k| liger::apply(job, k, inventory(job, k, tokens, true), tokens))
+        .collect();
+    let first_kind = r.layer_kind.first().copied().unwrap_or(0);
+    let first = liger::apply(
+        job,
+        &r.kinds[first_kind],
+        inventory(job, &r.kinds[first_kind], tokens, first_input_grad),
+        tokens,
+    );
+    let layer_inv = |l: usize| -> &LayerInventory {
+        if l == 0 {
+            &first
+        } else {
+            &kinds[r.layer_kind[l]]
+        }
+    };
+    let mut head = head_inventory(job, tokens);
+    // HOOK(configs, loss): the loss's buffers come from logits::loss_walk for chunked-nll, liger
+    // and cce (`ce` keeps the walk below); those losses run lm_head themselves and save what
+    // they need, so lm_head's own saved input goes.
+    let fused_loss = job.loss != crate::method::Loss::Ce;
+    let lw = logits::loss_walk(
+        &dt,
+        &logits::LossInput {
+            tokens,
+            batch: job.batch,
+            vocab: m.vocab,
+            hidden: m.hidden,
+            head_trains: full,
+            head_weight_bytes: resident::dense_param_bytes(job),
+            supervised_fraction: job.supervised_fraction,
+            // The Trainer's bf16/fp16 mixed precision runs the model under autocast.
+            autocast: dt.compute < 4,
+        },
+        job.loss,
+    );
+    if fused_loss {
+        if let Some(op) = head.ops.last_mut() {
+            op.saved.clear();
+        }
+    }
+    // The loss walk frees by size: each free releases the latest live loss tensor of that size.
+    let mut loss_live: Vec<Buf> = Vec::new();
+    let mut loss_events = |t: &mut Timeline, evs: &[logits::LossEvent]| {
+        for e in evs {
+            match *e {
+                logits::LossEvent::Alloc(b) => loss_live.push(t.tensor(Category::Logits, b)),
+                logits::LossEvent::Free(b) => {
+                    let mut left = b;
+                    while left > 0 {
+                        let i = loss_live
+                            .iter()
+                            .rposition(|x| x.bytes == left)
+                            .or_else(|| loss_live.len().checked_sub(1));
+                        let Some(i) = i else { break };
+                        let x = loss_live.remove(i);
+                        left = left.saturating_sub(x.bytes);
+                        t.release(x);
+                    }
+                }
+                logits::LossEvent::Spike(b) => t.transient(Category::Logits, b),
+            }
+        }
+    };
+    // HOOK(configs, activation offload): what each layer keeps leaves the GPU after its forward
+    // and comes back just before its backward; `host` counts what is held in host RAM.
+    let offload = job.activation_offload;
+    let mut host: u128 = 0;
+
+    // Masks built once per forward: eager attention's 4-D float masks (causal, and sliding when
+    // some layer has a window), SDPA's boolean window mask when a window is shorter than the
+    // sequence. Checkpointing passes them to every layer's recompute, so they then live through
+    // backward.
+    let masks = mask_bytes(job);
+
+    // A layer's parameter gradient: kept whole on one GPU; with sharding, reduced to this rank's
+    // shard (FSDP: the unit's full gradient exists until its reduce-scatter).
+    // FSDP-HOOK(c): FSDP keeps a layer's (or the root's: lm_head, final norm, embedding)
+    // unsharded gradients until that unit's post-backward (sharding.rs `FsdpWalk`).
+    let mut grads: Vec<Buf> = Vec::new();
+    let mut grad = |t: &mut Timeline, bytes: u128, root: bool| {
+        if let Some(f) = &fsdp {
+            if root {
+                f.root_grad(t, bytes);
+            } else {
+                f.layer_grad(t, bytes);
+            }
+            return;
+        }
+        let spike = sh
+            .unsharded_grad_spike
+            .then(|| t.tensor(Category::Temporaries, bytes));
+        grads.push(t.tensor(Category::Gradients, sh.kept_grad(bytes)));
+        if let Some(b) = spike {
+            t.release(b);
+        }
+    };
+
+    // ---------------- forward
+    t.phase(Phase::Forward);
+    let gathered = (sh.gathered > 0).then(|| t.tensor(Category::GatheredParams, sh.gathered));
+    if let Some(f) = &fsdp {
+        f.forward_start(t); // FSDP-HOOK(d)
+    }
+    let mask_bufs: Vec<Buf> = masks
+        .iter()
+        .map(|&b| t.tensor(Category::Temporaries, b))
+        .collect();
+    let mut layer_saved: Vec<Vec<Vec<Buf>>> = Vec::with_capacity(m.layers as usize);
+    let mut kept_inputs: Vec<Option<Buf>> = Vec::with_capacity(m.layers as usize);
+    // The residual stream between layers: each layer's output is the next one's input (the
+    // embedding output, before the first layer, is not tracked).
+    let mut stream: Option<Buf> = None;
+    for l in 0..r.layer_kind.len() {
+        let inv = layer_inv(l);
+        if let Some(f) = &fsdp {
+            f.layer_forward_pre(t); // FSDP-HOOK(e)
+        }
+        if job.grad_checkpointing {
+            // Checkpointing keeps the layer input for the recompute and nothing else.
+            let input = if offload {
+                let b = stream
+                    .take()
+                    .unwrap_or_else(|| t.tensor(Category::Activations, inv.input));
+                host += inv.input;
+                kept_inputs.push(None);
+                Some(b)
+            } else {
+                let b = stream
+                    .take()
+                    .unwrap_or_else(|| t.tensor(Category::Activations, inv.input));
+                kept_inputs.push(Some(b));
+                Some(b)
+            };
+            let (_, out) = forward_layer(t, inv, input, offload, false, true, true);
+            stream = out;
+            layer_saved.push(Vec::new());
+        } else {
+            kept_inputs.push(None);
+            let (saved, out) = forward_layer(t, inv, None, true, true, true, false);
+            stream = out;
+            if offload {
+                saved.into_iter().flatten().for_each(|b| t.release(b));
+                host += inv.saved();
+                layer_saved.push(Vec::new());
+            } else {
+                layer_saved.push(saved);
+            }
+        }
+        if let Some(f) = &fsdp {
+            f.layer_forward_post(t); // FSDP-HOOK(f)
+        }
+    }
+    let (head_saved, _) = forward_layer(
+        t,
+        &head,
+        stream.take(),
+        true,
+        true,
+        false,
+        job.grad_checkpointing,
+    );
+    if fused_loss {
+        loss_events(t, &lw.forward);
+    }
+    // Logits: lm_head output, the ops transformers applies before the loss (Granite's scaling,
+    // Gemma 2's soft-capping: its tanh output is saved), the fp32 upcast and log-softmax.
+    let mut raw = t.tensor(Category::Logits, if fused_loss { 0 } else { lg.raw });
+    if r.head.scaling && !fused_loss {
+        let scaled = t.tensor(Category::Logits, lg.raw);
+        t.release(raw);
+        raw = scaled;
+    }
+    let tanh_saved = if r.head.softcap && !fused_loss {
+        let divided = t.tensor(Category::Logits, lg.raw);
+        t.release(raw);
+        let y = t.tensor(Category::Logits, lg.raw);
+        t.release(divided);
+        raw = t.tensor(Category::Logits, lg.raw);
+        Some(y)
+    } else {
+        None
+    };
+    let ce = |b: u128| if fused_loss { 0 } else { b };
+    let upcast = t.tensor(Category::Logits, ce(lg.upcast));
+    let log_softmax = t.tensor(Category::Logits, ce(lg.log_softmax));
+    t.release(raw);
+    t.release(upcast);
+    let mut mask_bufs = mask_bufs;
+    if !job.grad_checkpointing {
+        for b in mask_bufs.drain(..) {
+            t.release(b);
+        }
+    }
+
+    if let Some(f) = &fsdp {
+        f.forward_end(t); // FSDP-HOOK(g): the root's post-forward, after the loss
+    }
+
+    // ---------------- backward
+    t.phase(Phase::Backward);
+    if let Some(f) = &fsdp {
+        f.backward_start(t); // FSDP-HOOK(h): the root's pre-backward
+    }
+    let bucket = (sh.bucket > 0).then(|| t.tensor(Category::CommBuckets, sh.bucket));
+    // nll_loss and log_softmax backward: two fp32 gradients beside the saved log-softmax.
+    if fused_loss {
+        loss_events(t, &lw.backward);
+    }
+    let g1 = t.tensor(Category::Logits, ce(lg.grad_fp32));
+    let g2 = t.tensor(Category::Logits, ce(lg.grad_fp32));
+    t.release(g1);
+    t.release(log_softmax);
+    let mut g_raw = t.tensor(Category::Logits, ce(lg.grad_raw));
+    t.release(g2);
+    if let Some(y) = tanh_saved {
+        // `* cap`, `tanh` (needs its output) and `/ cap` backward, one logits-sized gradient each.
+        for _ in 0..3 {
+            let next = t.tensor(Category::Logits, lg.grad_raw.max(lg.raw));
+            t.release(g_raw);
+            g_raw = next;
+        }
+        t.release(y);
+    }
+    if r.head.scaling {
+        let next = t.tensor(Category::Logits, lg.grad_raw.max(lg.raw));
+        t.release(g_raw);
+        g_raw = next;
+    }
+    // lm_head backward: the input gradient, and the weight gradient when it trains.
+    let hidden_grad = t.tensor(Category::Temporaries, tokens * dt.residual * m.hidden);
+    backward_layer(
+        t,
+        &head,
+        head_saved,
+        &mut |t: &mut Timeline, b| grad(t, b, true),
+        Some(g_raw),
+    );
+    if fused_loss {
+        loss_events(t, &lw.after_head);
+    }
+    for l in (0..r.layer_kind.len()).rev() {
+        let inv = layer_inv(l);
+        if let Some(f) = &fsdp {
+            f.layer_backward_pre(t, l == 0); // FSDP-HOOK(i)
+        }
+        // Offloaded: the checkpointed input (or the saved tensors) come back for this layer.
+        let back =
+            (offload && job.grad_checkpointing).then(|| t.tensor(Category::Activations, inv.input));
+        let saved = if job.grad_checkpointing || offload {
+            // The recompute (or the saved tensors brought back), from the kept input.
+            if job.grad_checkpointing {
+                t.transient(Category::Temporaries, inv.fwd_transient);
+            }
+            forward_layer(t, inv, None, false, true, false, false).0
+        } else {
+            std::mem::take(&mut layer_saved[l])
+        };
+        backward_layer(
+            t,
+            inv,
+            saved,
+            &mut |t: &mut Timeline, b| grad(t, b, false),
+            None,
+        );
+        if let Some(b) = kept_inputs[l].take().or(back) {
+            t.release(b);
+        }
+        if let Some(f) = &fsdp {
+            f.layer_backward_post(t); // FSDP-HOOK(j)
+        }
+    }
+    if full {
+        let emb = m.param_counts().embedding * resident::dense_param_bytes(job);
+        if m.tie_embeddings {
+            // The embedding's dense gradient plus the out-of-place sum with lm_head's gradient
+            // (measured: +2 × V·h on the 1B and 3B tied models).
+            t.transient(Category::Temporaries, 2 * emb);
+        } else {
+            grad(t, emb, true);
+        }
+    }
+    t.release(hidden_grad);
+    for b in mask_bufs {
+        t.release(b);
+    }
+    if let Some(b) = bucket {
+        t.release(b);
+    }
+    if let Some(b) = gathered {
+        t.release(b);
+    }
+    if let Some(f) = &fsdp {
+        f.backward_end(t); // FSDP-HOOK(k): the root's post-backward in the final callback
+    }
+
+    // ---------------- optimizer
+    t.phase(Phase::Optimizer);
+    if step == 1 {
+        // `_init_group`: the state is created at the first step and kept.
+        for &b in state {
+            let _ = t.tensor(Category::OptimizerState, b);
+        }
+    }
+    let temps: Vec<Buf> = step_temps
+        .iter()
+        .map(|&b| t.tensor(Category::Temporaries, b))
+        .collect();
+    for b in temps {
+        t.release(b);
+    }
+    // zero_grad(set_to_none=True)
+    for g in grads {
+        t.release(g);
+    }
+    if let Some(f) = &fsdp {
+        f.zero_grad(t); // FSDP-HOOK(l)
+    }
+
+    let head_bytes = head.saved();
+    // HOOK(configs): what the loss, offload and Liger switches changed.
+    let activations = format!(
+        "{}{}{}",
+        explain_activations(job, &kinds, &first, head_bytes),
+        if offload {
+            format!("; offloaded to host RAM after each layer's forward and brought back for its backward: {host} B on the host (TRL activation_offloading / axolotl offloaded checkpointing; their in-flight copies, e.g. TRL's max_fwd_stash_size 5 tensors, are not counted: expect up to a few layers' worth more)")
+        } else {
+            String::new()
+        },
+        if job.liger_kernels {
+            "; Liger RMSNorm saves its input and fp32 rstd, Liger SwiGLU its two inputs (Liger-Kernel 0.8.2; Triton, derived from source)"
+        } else {
+            ""
+        }
+    );
+    let ce_explain = format!(
+            "{tokens} tokens × vocab {} = {} logits: {}-bit logits + fp32 upcast + fp32 log-softmax (saved) in the forward; 2 fp32 gradients beside the saved log-softmax in the backward (transformers ForCausalLMLoss; 12 B/logit at the backward spike){}",
+            m.vocab,
+            tokens * m.vocab,
+            dt.logits * 8,
+            match (r.head.softcap, r.head.scaling) {
+                (true, _) => "; final-logit soft-capping (/ cap, tanh, × cap) adds a saved 16-bit tanh output and one logits-sized copy per op",
+                (_, true) => "; logits scaling (/ logits_scaling) adds one logits-sized copy",
+                _ => "",
+            }
+        );
+    StepExplain {
+        activations,
+        logits: if fused_loss {
+            format!(
+                "{}{}",
+                lw.explain,
+                if r.head.softcap || r.head.scaling {
+                    "; the model's logit soft-capping / scaling runs inside the loss's chunks (not modelled separately)"
+                } else {
+                    ""
+                }
+            )
+        } else {
+            ce_explain
+        },
+        temporaries: format!(
+            "per-layer forward transients up to {} B (dequantized weights, fp32 LoRA sums, eager scores), backward gradient buffers of each module, the residual-stream gradients{}; optimizer step {} B",
+            kinds.iter().map(|k| k.fwd_transient).max().unwrap_or(0),
+            if masks.is_empty() { String::new() } else { format!("; attention masks {:?} B", masks) },
+            sh.optimizer_step_temp
+        ),
+        kv_cache: String::new(),
+        host_bytes: host,
+    }
+}
+
+/// Runs a layer's forward op by op, as autograd does: each op's script (its temporaries,
+/// freed where the op frees them; its saved tensors, allocated where they are created) or, for
+/// an op without one, its one forward transient; each op's output, alive until its last
+/// consumer has run, or until backward when an op saves it (`save`: autograd records; false
+/// under checkpointing, where nothing is kept). In op order, so the caching allocator sees each
+/// op's temporaries freed before later tensors are carved out of them.
+///
+/// `input`: the layer input's buffer (the previous layer's output), freed after its last
+/// consumer when `free_input`; `None`: not tracked (a saved input is then allocated where it
+/// is saved). Returns the tensors saved per op and the layer's output (the last op's), which is
+/// not allocated unless `keep_output` (checkpoint recompute stops once the saved tensors exist;
+/// lm_head's output is the logits, which the caller walks).
+pub(super) fn forward_layer(
+    t: &mut Timeline,
+    inv: &LayerInventory,
+    input: Option<Buf>,
+    free_input: bool,
+    save: bool,
+    keep_output: bool,
+    track: bool,
+) -> (Vec<Vec<Buf>>, Option<Buf>) {
+    let n = inv.tensor_bytes.len();
+    let n_ops = inv.ops.len();
+    // The last op reading each tensor; whether some op saves it (first saver holds it).
+    let mut last_use: Vec<Option<usize>> = vec![None; n];
+    for (i, ins) in inv.inputs.iter().enumerate() {
+        for &x in ins {
+            last_use[x] = Some(i);
+        }
+    }
+    let mut will_save = vec![false; n];
+    if save {
+        for op in &inv.ops {
+            for s in &op.saved {
+                if let Saved::Shared(x) = *s {
+                    will_save[x] = true;
+                }
+            }
+        }
+    }
+    let mut bufs: Vec<Option<Buf>> = vec![None; n];
+    bufs[0] = input;
+    let mut seen = vec![false; n];
+    let mut layer_out = None;
+    let mut per_op = Vec::with_capacity(n_ops);
+    for (i, op) in inv.ops.iter().enumerate() {
+        let o = inv.outputs.get(i).copied();
+        let is_last = i + 1 == n_ops;
+        let alloc_out = |t: &mut Timeline, bufs: &mut Vec<Option<Buf>>| {
+            if let Some(o) = o {
+                if bufs[o].is_none() && (!is_last || keep_output) {
+                    let cat = if will_save[o] || is_last {
+                        Category::Activations
+                    } else {
+                        Category::Temporaries
+                    };
+                    bufs[o] = Some(t.tensor(cat, inv.tensor_bytes[o]));
+                }
+            }
+        };
+        let mut save_one =
+            |t: &mut Timeline, bufs: &mut Vec<Option<Buf>>, s: Saved| -> Option<Buf> {
+                match s {
+                    Saved::Own(b) => Some(t.tensor(
+                        if save {
+                            Category::Activations
+                        } else {
+                            Category::Temporaries
+                        },
+                        b,
+                    )),
+                    Saved::Shared(x) if save && !seen[x] => {
+                        seen[x] = true;
+                        Some(bufs[x].take().unwrap_or_else(|| {
+                            t.tensor(Category::Activations, inv.tensor_bytes[x])
+                        }))
+                    }
+                    Saved::Shared(_) => None,
+                }
+            };
+        // A script that does not save each saved tensor exactly once (a rule changed the saved
+        // list after it, e.g. Liger's) falls back to the op's one transient.
+        let mut saves: Vec<usize> = op
+            .fwd_script
+            .iter()
+            .filter_map(|e| match *e {
+                Fwd::Save(j) => Some(j),
+                _ => None,
+            })
+            .collect();
+        saves.sort_unstable();
+        let scripted =
+            !op.fwd_script.is_empty() && saves == (0..op.saved.len()).collect::<Vec<_>>();
+        let mut out: Vec<Option<Buf>> = vec![None; op.saved.len()];
+        let mut temps: Vec<Option<Buf>> = Vec::new();
+        if scripted {
+            for e in &op.fwd_script {
+                match *e {
+                    Fwd::Temp(b) => temps.push(Some(t.tensor(Category::Temporaries, b))),
+                    Fwd::Free(k) => {
+                        if let Some(b) = temps.get_mut(k).and_then(Option::take) {
+                            t.release(b);
+                        }
+                    }
+                    Fwd::Save(j) => out[j] = save_one(t, &mut bufs, op.saved[j]),
+                    Fwd::Out if !track => {
+                        if let Some(o) = o {
+                            temps.push(Some(t.tensor(Category::Temporaries, inv.tensor_bytes[o])));
+                        }
+                    }
+                    Fwd::Out => alloc_out(t, &mut bufs),
+                }
+            }
+        } else {
+            temps.push(Some(t.tensor(Category::Temporaries, op.fwd_transient)));
+            for (j, &s) in op.saved.iter().enumerate() {
+                out[j] = save_one(t, &mut bufs, s);
+            }
+        }
+        if track {
+            alloc_out(t, &mut bufs);
+        }
+        for b in temps.into_iter().flatten() {
+            t.release(b);
+        }
+        // Not saving: what the op "saved" was only its own intermediate.
+        if !save {
+            for b in out.drain(..).flatten() {
+                t.release(b);
+            }
+        }
+        per_op.push(out.into_iter().flatten().collect());
+        // Inputs whose last consumer this was (the layer input only when the caller lets go).
+        let mut dead: Vec<crate::arch::T> = inv.inputs[i]
+            .iter()
+            .copied()
+            .filter(|&x| last_use[x] == Some(i) && (x != 0 || free_input))
+            .collect();
+        dead.sort_unstable();
+        dead.dedup();
+        if let Some(o) = o {
+            if last_use[o].is_none() && !is_last {
+                dead.push(o);
+            }
+        }
+        for x in dead {
+            if let Some(b) = bufs[x].take() {
+                t.release(b);
+            }
+        }
+        if is_last {
+            layer_out = o.and_then(|o| bufs[o].take());
+        }
+    }
+    // Tensors nobody consumed inside the layer (none in a well-formed recipe) go now, except
+    // the caller's input.
+    for (x, b) in bufs.into_iter().enumerate() {
+        if let Some(b) = b {
+            if x != 0 || free_input {
+                t.release(b);
+            }
+        }
+    }
+    (per_op, layer_out)
+}
+
+/// The backward of one layer, block by block in reverse: the incoming and outgoing residual
+/// gradients alive through each block; each op, in reverse, allocates its gradient buffers,
+/// frees the tensors it saved (a shared tensor goes with the first op in forward order that
+/// saved it, i.e. the last to run backward) and creates its parameters' gradients.
+pub(super) fn backward_layer(
+    t: &mut Timeline,
+    inv: &LayerInventory,
+    saved: Vec<Vec<Buf>>,
+    grad: &mut impl FnMut(&mut Timeline, u128),
+    upstream: Option<Buf>,
+) {
+    let mut saved = saved;
+    // A shared tensor allocated by op i may be saved by later ops too; it is released with op i,
+    // which runs backward after them. So releasing each op's own list in reverse order is
+    // exactly right.
+    let mut upstream = upstream;
+    let mut block: Option<u8> = None;
+    let mut residual: Vec<Buf> = Vec::new();
+    for (i, op) in inv.ops.iter().enumerate().rev() {
+        let b = inv.blocks[i];
+        if block != Some(b) {
+            for r in residual.drain(..) {
+                t.release(r);
+            }
+            if inv.residual_grad > 0 {
+                residual.push(t.tensor(Category::Temporaries, inv.residual_grad));
+                residual.push(t.tensor(Category::Temporaries, inv.residual_grad));
+            }
+            block = Some(b);
+        }
+        let mut mine = saved.get_mut(i).map(std::mem::take).unwrap_or_default();
+        if op.bwd_stages.is_empty() {
+            t.transient(Category::Temporaries, op.bwd_transient);
+        } else {
+            for &(bytes, n) in &op.bwd_stages {
+                t.transient(Category::Temporaries, bytes);
+                for s in mine.split_off(mine.len().saturating_sub(n)) {
+                    t.release(s);
+                }
+            }
+        }
+        if let Some(u) = upstream.take() {
+            t.release(u);
+        }
+        for s in mine {
+            t.release(s);
+        }
+        for &g in &op.grads {
+            grad(t, g);
+        }
+    }
+    for r in residual {
+        t.release(r);
+    }
+    if let Some(u) = upstream {
+        t.release(u);
+    }
+}
+
+/// The final norm and lm_head as a one-block layer under the same op rules (lm_head is never a
+/// LoRA target and never quantized: transformers skips it). Its backward has no residual
+/// gradients of its own.
+pub(super) fn head_inventory(job: &Job, tokens: u128) -> LayerInventory {
+    use crate::arch::{LayerBuilder, Module, Proj};
+    let m = &job.model;
+    let mut b = LayerBuilder::new(m.hidden);
+    let x = b.input();
+    let n = b.norm(x, m.recipe.final_norm);
+    b.linear(
+        n,
+        Proj {
+            name: "lm_head",
+            kind: crate::model::LinearKind::Router,
+            in_f: m.hidden,
+            out_f: m.vocab,
+            bias: false,
+            module: Module::Param,
+        },
+    );
+    let mut inv = inventory(job, &b.build("head"), tokens, true);
+    // The Linear rule's gradient buffers are the lm_head's input gradient (allocated by the
+    // caller, alive through the decoder's backward); its weight gradient is V·h (tied: the
+    // embedding's, added at the end).
+    for op in &mut inv.ops {
+        op.bwd_transient = 0;
+        op.fwd_transient = 0;
+    }
+    inv.residual_grad = 0;
+    inv
+}
+
+/// Attention masks built once per forward (bytes each).
+pub(crate) fn mask_bytes(job: &Job) -> Vec<u128> {
+    use crate::arch::OpKind;
+    let r = &job.model.recipe;
+    let (mut causal, mut window) = (false, false);
+    for (k, n) in r.kind_counts().into_iter().enumerate() {
+        if n == 0 {
+            continue;
+        }
+        for op in &r.kinds[k].ops {
+            if let OpKind::Attention(a) = &op.kind {
+                match job.attention {
+                    crate::method::Attention::Eager => {
+                        if a.window.is_some() {
+                            window = true;
+                        } else {
+                            causal = true;
+                        }
+                    }
+                    _ => window |= activations::sdpa_masked(job, a),
+                }
+            }
+        }
+    }
+    let bs2 = job.batch * job.seq * job.seq;
+    let c = job.compute.float_bytes();
+    let mut out = Vec::new();
+    match job.attention {
+        crate::method::Attention::Eager => {
+            if causal {
+                out.push(bs2 * c);
+            }
+            if window {
+                out.push(bs2 * c);
+            }
+        }
+        _ => {
+            if window {
+                out.push(bs2);
+            }
+        }
+    }
+    out
+}
+
+pub(super) fn explain_activations(
+    job: &Job,
+    kinds: &[LayerInventory],
+    first: &LayerInventory,
+    head_saved: u128,
+) -> String {
+    let r = &job.model.recipe;
+    let counts = r.kind_counts();
+    let tokens = job.tokens().max(1);
+    let per_kind: Vec<String> = r
+        .kinds
+        .iter()
+        .zip(kinds)
+        .zip(&counts)
+        .filter(|(_, n)| **n > 0)
+        .map(|((k, inv), n)| format!("{n} × {} layer {} B/token", k.name, inv.saved() / tokens))
+        .collect();
+    let base = format!(
+        "tensors autograd saves for backward, op by op over the {} recipe (PyTorch derivatives of its transformers modules, peft LoRA, {} attention): {} × {} tokens; first layer {} B (frozen input saves less){} + final norm/lm_head {} B",
+        r.class,
+        job.attention,
+        per_kind.join(", "),
+        job.tokens(),
+        first.saved(),
+        match job.attention {
+            crate::method::Attention::Eager => " (eager: incl. the scores of every head, 6 B each)",
+            _ => "",
+        },
+        head_saved
+    );
+    let base = if r.notes.is_empty() {
+        base
+    } else {
+        format!("{base}; {}", r.notes.join("; "))
+    };
+    if job.grad_checkpointing {
+        format!(
+            "{base}; with checkpointing only each layer's input ({} B) is kept and one layer is recomputed at a time in backward",
+            first.input
+        )
+    } else {
+        base
+    }
+}
