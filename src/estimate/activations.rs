@@ -45,6 +45,7 @@ use crate::arch::{Act, AttnSpec, Dt, Experts, LayerRecipe, NormKind, OpKind, Pro
 use crate::dtype::Precision;
 use crate::method::{Attention, Job, Method};
 
+use super::backward::{Bwd, BwdScript};
 use super::resident::{dense_param_bytes, ADAPTER_BYTES};
 // FSDP-HOOK(m): the adapter dtype is FSDP's param_dtype under mixed precision (sharding.rs).
 use super::sharding::adapter_bytes;
@@ -124,6 +125,9 @@ pub struct OpCost {
     /// (temporaries freed where the op frees them, saved tensors allocated where they are
     /// created). Empty: `fwd_transient` once, then the saved tensors.
     pub fwd_script: Vec<Fwd>,
+    /// The op's backward, buffer by buffer in the order autograd creates them (`backward.rs`).
+    /// Empty: its input gradients, then `bwd_transient` (or `bwd_stages`) once.
+    pub bwd_script: Vec<Bwd>,
 }
 
 /// One step of an op's forward script ([`OpCost::fwd_script`]).
@@ -137,6 +141,8 @@ pub enum Fwd {
     Save(usize),
     /// Allocates the op's output here (without it: when the script ends).
     Out,
+    /// Frees the op's input n here when this op is its last reader and nobody saved it.
+    DropInput(usize),
 }
 
 /// Builds a forward script: `temp` returns the temporary's index for a later `free`.
@@ -163,6 +169,10 @@ impl Script {
 
     fn out(&mut self) {
         self.steps.push(Fwd::Out);
+    }
+
+    fn drop_input(&mut self, n: usize) {
+        self.steps.push(Fwd::DropInput(n));
     }
 
     /// A tensor that is saved (`Some(j)`) or else a temporary: returns the temporary.
@@ -196,6 +206,8 @@ pub struct LayerInventory {
     /// its op until its last consumer, or until backward when saved).
     pub inputs: Vec<Vec<T>>,
     pub outputs: Vec<T>,
+    /// Whether each tensor requires a gradient (autograd runs an op's backward only then).
+    pub requires_grad: Vec<bool>,
 }
 
 impl LayerInventory {
@@ -283,6 +295,7 @@ pub fn inventory(job: &Job, layer: &LayerRecipe, tokens: u128, input_grad: bool)
         blocks: layer.ops.iter().map(|o| o.block).collect(),
         inputs: layer.ops.iter().map(|o| o.inputs.clone()).collect(),
         outputs: layer.ops.iter().map(|o| o.output).collect(),
+        requires_grad: rg,
         tensor_bytes,
         ops,
     }
@@ -318,21 +331,6 @@ fn op_cost(
                         c.saved.push(Saved::Own(t * 4 * n.groups));
                     }
                 }
-                // FSDP-HOOK(n): the RMSNorm backward's fp32 temporaries, four b·s·w at once
-                // (div, pow, mul and mul of the derivative of `x * rsqrt(mean(x²) + eps)`,
-                // traced in tests/reference/fsdp_trace.py); they set the peak of FSDP steps
-                // with small vocabularies (Mistral, tests/fsdp_reference.rs). They exist on one
-                // GPU too, but are applied to FSDP jobs only so that single-GPU estimates stay
-                // bit-identical to tests/data/unsharded-peaks.txt (the lead's to adopt: with
-                // them, 4 single-GPU cases change in reserved bytes only, by ±0.6%).
-                let fsdp = cx
-                    .job
-                    .sharding
-                    .as_ref()
-                    .is_some_and(|s| matches!(s.engine, super::sharding::Engine::Fsdp(_)));
-                if n.kind != NormKind::Layer && fsdp {
-                    c.bwd_transient = t * 16 * w;
-                }
             }
             let normed = match n.kind {
                 NormKind::Rms => bytes_of(x),
@@ -347,12 +345,13 @@ fn op_cost(
             }
             if n.kind == NormKind::Rms {
                 c.fwd_script = rms_script(t, w, n.groups, bytes_of(x), in_rg, trains);
+                c.bwd_script = rms_bwd_script(t, w, n.groups, bytes_of(x), in_rg, trains);
             }
             (c, trains)
         }
-        OpKind::Linear(p) => linear(cx, p, inputs[0], bytes_of(inputs[0])),
+        OpKind::Linear(p) => linear(cx, p, inputs[0], bytes_of(inputs[0]), in_rg),
         OpKind::Router(r) => {
-            let (mut c, trains) = linear(cx, &r.proj, inputs[0], bytes_of(inputs[0]));
+            let (mut c, trains) = linear(cx, &r.proj, inputs[0], bytes_of(inputs[0]), in_rg);
             if in_rg || trains {
                 // fp32 softmax over the experts, top-k weights (fp32) and int64 indices.
                 c.saved.push(Saved::Own(t * (4 * r.experts + 12 * r.top_k)));
@@ -373,7 +372,7 @@ fn op_cost(
         OpKind::Attention(a) => {
             let trains = cx.full && a.sinks;
             if in_rg || trains {
-                attention(cx, a, inputs[2], op_output_of(layer, inputs), &mut c);
+                attention(cx, a, inputs, op_output_of(layer, inputs), &mut c);
             } else {
                 c.fwd_transient = attention_fwd_transient(cx, a);
             }
@@ -405,12 +404,54 @@ fn op_cost(
             c.ckpt_transient = saved.iter().map(bytes).sum();
             if in_rg {
                 c.saved = saved;
+                if matches!(act, Act::Silu | Act::GeluTanh) {
+                    c.bwd_script = glu_bwd_script(t * a * i, g == u);
+                }
             }
             (c, false)
         }
         OpKind::Experts(e) => experts(cx, e, in_rg),
-        OpKind::Add | OpKind::Scale => (c, false),
+        OpKind::Add => {
+            // `AddBackward0` hands its incoming gradient to both inputs.
+            c.bwd_script = vec![Bwd::Pass(0), Bwd::Pass(1)];
+            (c, false)
+        }
+        OpKind::Scale => {
+            // `x * constant`: one new gradient.
+            let mut s = BwdScript::default();
+            let k = s.temp(t * width(inputs[0]) * bytes_of(inputs[0]));
+            s.done_upstream();
+            s.give(k, 0);
+            c.bwd_script = s.steps;
+            (c, false)
+        }
     }
+}
+
+/// `act(gate) * up` backward: the product's node (`grad * up` for the activation, `grad * act`
+/// for up; then it releases up and the activation output), up's gradient handed on — autograd
+/// runs up_proj's backward next (created after the activation, it is the later ready node) —
+/// then the activation's (`silu_backward(grad, gate)`). Saved: 0 the gate (1 up when separate),
+/// then the activation output. A fused gate_up's two gradients are gathered into one.
+fn glu_bwd_script(each: u128, fused: bool) -> Vec<Bwd> {
+    let mut s = BwdScript::default();
+    let act_saved = if fused { 1 } else { 2 };
+    let gs = s.temp(each);
+    let gu = s.temp(each);
+    s.done_upstream();
+    s.release(act_saved);
+    if !fused {
+        s.release(1);
+    }
+    s.give(gu, 1);
+    if !fused {
+        s.defer(1);
+    }
+    let gg = s.temp(each);
+    s.free(gs);
+    s.release(0);
+    s.give(gg, 0);
+    s.steps
 }
 
 /// `LlamaRMSNorm.forward` (transformers 5.17 `models/llama/modeling_llama.py`), intermediate by
@@ -451,6 +492,71 @@ fn rms_script(
     s.steps
 }
 
+/// `LlamaRMSNorm`'s backward (the reverse of [`rms_script`], PyTorch 2.11 `derivatives.yaml`):
+/// `weight * c` gives the weight's gradient (`grad * c`, summed over tokens) and c's
+/// (`grad * weight`); the cast back to fp32; `x * rsqrt` the input's (`grad * r`) and the
+/// rsqrt's (`grad * x` summed per row); `rsqrt` (`-0.5 * grad * r³`); `mean` (`expand / n`);
+/// `pow(2)` (`grad * (2 * x.pow(1))`: four fp32 b·s·w tensors alive at once, as traced in
+/// tests/reference/fsdp_trace.py), summed into the input's gradient in place; the cast to the
+/// input dtype. Saved: 0 the fp32 input, 1 the rsqrt, and the normalized copy (2, or 0 when
+/// the input needs no gradient) when the weight trains.
+fn rms_bwd_script(
+    t: u128,
+    w: u128,
+    groups: u128,
+    x_bytes: u128,
+    in_rg: bool,
+    trains: bool,
+) -> Vec<Bwd> {
+    let mut s = BwdScript::default();
+    let gw = trains.then(|| s.temp(t * x_bytes * w));
+    let gc = in_rg.then(|| s.temp(t * x_bytes * w));
+    if let Some(k) = gw {
+        s.grad(0);
+        s.free(k);
+    }
+    s.done_upstream();
+    if trains {
+        s.release(if in_rg { 2 } else { 0 });
+    }
+    let Some(gc) = gc else {
+        return s.steps;
+    };
+    let (wide, row) = (t * 4 * w, t * 4 * groups);
+    let gy = s.temp(wide);
+    s.free(gc);
+    let ga = s.temp(wide);
+    let tmp = s.temp(wide);
+    let gr = s.temp(row);
+    s.free(tmp);
+    s.free(gy);
+    let half = s.temp(row);
+    let cube = s.temp(row);
+    let ge = s.temp(row);
+    s.free(cube);
+    s.free(half);
+    s.free(gr);
+    s.release(1);
+    let gmean = s.temp(wide);
+    s.free(ge);
+    let pow1 = s.temp(wide);
+    let twice = s.temp(wide);
+    s.free(pow1);
+    let gpow = s.temp(wide);
+    s.free(twice);
+    s.free(gmean);
+    s.free(gpow);
+    s.release(0);
+    if x_bytes == 4 {
+        s.give(ga, 0);
+    } else {
+        let gx = s.temp(t * x_bytes * w);
+        s.free(ga);
+        s.give(gx, 0);
+    }
+    s.steps
+}
+
 /// The op whose inputs are `inputs` (to find the attention output tensor).
 fn op_output_of(layer: &LayerRecipe, inputs: &[T]) -> T {
     layer
@@ -460,8 +566,9 @@ fn op_output_of(layer: &LayerRecipe, inputs: &[T]) -> T {
         .map_or(0, |o| o.output)
 }
 
-/// `nn.Linear` (and peft's LoRA around it; bitsandbytes' 4-bit matmul).
-fn linear(cx: &Ctx, p: &Proj, x: T, x_bytes: u128) -> (OpCost, bool) {
+/// `nn.Linear` (and peft's LoRA around it; bitsandbytes' 4-bit matmul). `in_rg`: whether the
+/// input needs a gradient.
+fn linear(cx: &Ctx, p: &Proj, x: T, x_bytes: u128, in_rg: bool) -> (OpCost, bool) {
     let mut c = OpCost::default();
     let t = cx.tokens;
     let dt = cx.dt;
@@ -491,8 +598,13 @@ fn linear(cx: &Ctx, p: &Proj, x: T, x_bytes: u128) -> (OpCost, bool) {
     if let Some(l) = lora {
         // lora_B (a trainable nn.Linear) saves its input: lora_A's fp32 output, r wide.
         c.saved.push(Saved::Own(t * a * l.rank));
+        // lora_A saves its input: the fp32 dropout output (and dropout its bool mask, when the
+        // input needs a gradient), or the fp32 copy, or the input itself when already fp32.
         if l.dropout > 0.0 {
-            c.saved.push(Saved::Own(t * (a + 1) * p.in_f));
+            c.saved.push(Saved::Own(t * a * p.in_f));
+            if in_rg {
+                c.saved.push(Saved::Own(t * p.in_f));
+            }
         } else if x_bytes == a {
             c.saved.push(Saved::Shared(x));
         } else {
@@ -500,7 +612,9 @@ fn linear(cx: &Ctx, p: &Proj, x: T, x_bytes: u128) -> (OpCost, bool) {
         }
         // fp32 LoRA output and the fp32 sum before the cast back (peft `result + lora_out`).
         c.fwd_transient += t * 2 * a * p.out_f;
-        c.grads.push(l.rank * (p.in_f + p.out_f) * a);
+        // lora_B's gradient, then lora_A's (the order backward creates them).
+        c.grads.push(l.rank * p.out_f * a);
+        c.grads.push(l.rank * p.in_f * a);
     }
     // Backward: the input gradient; with LoRA the fp32 gradient of the sum, its 16-bit cast for
     // the base (when the output is not fp32), the scaled copy for lora_B, and lora_A's fp32 input
@@ -517,38 +631,53 @@ fn linear(cx: &Ctx, p: &Proj, x: T, x_bytes: u128) -> (OpCost, bool) {
         }
     }
     c.bwd_transient = bwd;
-    c.fwd_script = linear_script(cx, p, x_bytes, dequant, trains, &c.saved);
+    let shape = LinearShape {
+        x_bytes,
+        dequant,
+        trains,
+        in_rg,
+        lora: lora.map(|l| (l.rank, l.dropout > 0.0)),
+        adapter: a,
+    };
+    c.fwd_script = linear_script(cx, p, &shape, &c.saved);
+    c.bwd_script = linear_bwd_script(cx, p, &shape);
     (c, trains || lora.is_some())
+}
+
+/// What a Linear's scripts depend on.
+struct LinearShape {
+    x_bytes: u128,
+    dequant: u128,
+    trains: bool,
+    in_rg: bool,
+    /// LoRA rank and whether dropout is on.
+    lora: Option<(u128, bool)>,
+    /// The adapter dtype's bytes.
+    adapter: u128,
 }
 
 /// The forward of a Linear, intermediate by intermediate. The base layer: bitsandbytes'
 /// `MatMul4Bit.forward` dequantizes the weight (`dequant` bytes, freed after the matmul;
 /// bitsandbytes 0.50.2 `autograd/_functions.py`); autocast's input and weight casts are the
 /// saved tensors 0 and 1 (`trains`). With LoRA (peft 0.21 `tuners/lora/layer.py`
-/// `Linear.forward`): `result = base_layer(x)`, `x = _cast_input_dtype(x, fp32)`, `dropout(x)`
-/// (saved with its mask), `lora_A(...)` (saved: lora_B's input), `lora_B(...)`, `* scaling`,
+/// `Linear.forward`): `result = base_layer(x)`, `x = _cast_input_dtype(x, fp32)` (a local
+/// alive until the forward returns), `dropout(x)` (its output saved, its mask saved when the
+/// input needs a gradient), `lora_A(...)` (saved: lora_B's input), `lora_B(...)`, `* scaling`,
 /// `result + ...` (fp32 by type promotion), `.to(result dtype)`: the op's output.
-fn linear_script(
-    cx: &Ctx,
-    p: &Proj,
-    x_bytes: u128,
-    dequant: u128,
-    trains: bool,
-    saved: &[Saved],
-) -> Vec<Fwd> {
+fn linear_script(cx: &Ctx, p: &Proj, sh: &LinearShape, saved: &[Saved]) -> Vec<Fwd> {
     let t = cx.tokens;
     let dt = cx.dt;
     let mut s = Script::default();
     let mut j = 0;
-    if trains {
+    if sh.trains {
         // The autocast input cast (or the shared input) and the weight copy.
         for _ in 0..saved.len().min(if dt.autocast { 2 } else { 1 }) {
             s.save(j);
             j += 1;
         }
     }
-    let dq = (dequant > 0).then(|| s.temp(dequant));
-    let Some(l) = cx.lora(p) else {
+    let dq = (sh.dequant > 0).then(|| s.temp(sh.dequant));
+    let Some((_, dropout)) = sh.lora else {
         if let Some(k) = dq {
             s.free(k);
         }
@@ -564,24 +693,132 @@ fn linear_script(
         s.free(k);
     }
     let (a_out, x_saved) = (j, j + 1);
-    if l.dropout > 0.0 {
-        let cast = (x_bytes != ADAPTER_BYTES).then(|| s.temp(t * ADAPTER_BYTES * p.in_f));
+    let mut cast = None;
+    if dropout {
+        cast = (sh.x_bytes != sh.adapter).then(|| s.temp(t * sh.adapter * p.in_f));
         s.save(x_saved);
-        if let Some(k) = cast {
-            s.free(k);
+        if sh.in_rg {
+            s.save(x_saved + 1);
+        } else {
+            let mask = s.temp(t * p.in_f);
+            s.free(mask);
         }
     } else {
         s.save(x_saved);
     }
     s.save(a_out);
-    let b_out = s.temp(t * ADAPTER_BYTES * p.out_f);
-    let scaled = s.temp(t * ADAPTER_BYTES * p.out_f);
+    let b_out = s.temp(t * sh.adapter * p.out_f);
+    let scaled = s.temp(t * sh.adapter * p.out_f);
     s.free(b_out);
-    let sum = s.temp(t * ADAPTER_BYTES * p.out_f);
+    let sum = s.temp(t * sh.adapter * p.out_f);
     s.free(scaled);
     s.free(result);
     s.out();
     s.free(sum);
+    if let Some(k) = cast {
+        s.free(k);
+    }
+    s.steps
+}
+
+/// The backward of a Linear, node by node in the order autograd runs them (the reverse of the
+/// forward). LoRA first: `.to(result dtype)` (the gradient cast to fp32), `result + ...` (the
+/// base's share cast to its dtype), `* scaling`, lora_B's mm (input gradient, then weight
+/// gradient), lora_A's, dropout's mask, the cast of x to fp32 (back to the input dtype). Then
+/// the base: `MmBackward0` (the input gradient; bitsandbytes dequantizes the 4-bit weight again
+/// for it) and the weight gradient (under autocast in 16 bits, then cast to the fp32 weight's
+/// dtype by the weight cast's node); autocast's input cast back to the input dtype.
+fn linear_bwd_script(cx: &Ctx, p: &Proj, sh: &LinearShape) -> Vec<Bwd> {
+    let t = cx.tokens;
+    let dt = cx.dt;
+    let lo = dt.linear_out;
+    let mut s = BwdScript::default();
+    let base_saved = if sh.trains {
+        if dt.autocast {
+            2
+        } else {
+            1
+        }
+    } else {
+        0
+    };
+    // The base runs backward only when its input needs a gradient or its weight trains.
+    let base_runs = sh.in_rg || sh.trains;
+    let mut base_grad = None;
+    if let Some((rank, dropout)) = sh.lora {
+        let a = sh.adapter;
+        let (a_out, x_saved) = (base_saved, base_saved + 1);
+        let g32 = (lo != a).then(|| s.temp(t * a * p.out_f));
+        if g32.is_some() {
+            s.done_upstream();
+        }
+        base_grad = (base_runs && lo != a).then(|| s.temp(t * lo * p.out_f));
+        let gs = s.temp(t * a * p.out_f);
+        if let Some(k) = g32 {
+            s.free(k);
+        }
+        let ga = s.temp(t * a * rank);
+        s.grad(base_saved.min(1));
+        s.free(gs);
+        s.release(a_out);
+        let gd = sh.in_rg.then(|| s.temp(t * a * p.in_f));
+        s.grad(base_saved.min(1) + 1);
+        s.free(ga);
+        s.release(x_saved);
+        if let Some(gd) = gd {
+            let gx = if dropout {
+                let k = s.temp(t * a * p.in_f);
+                s.free(gd);
+                s.release(x_saved + 1);
+                k
+            } else {
+                gd
+            };
+            let gn = if sh.x_bytes != a {
+                let k = s.temp(t * sh.x_bytes * p.in_f);
+                s.free(gx);
+                k
+            } else {
+                gx
+            };
+            s.give(gn, 0);
+        }
+    }
+    if base_runs {
+        let gin = sh.in_rg.then(|| {
+            let dq = (sh.dequant > 0).then(|| s.temp(sh.dequant));
+            let k = s.temp(t * lo * p.in_f);
+            if let Some(d) = dq {
+                s.free(d);
+            }
+            k
+        });
+        let gw16 = (sh.trains && dt.autocast).then(|| s.temp(p.in_f * p.out_f * dt.compute));
+        if sh.trains && !dt.autocast {
+            s.grad(0);
+        }
+        if let Some(k) = base_grad {
+            s.free(k);
+        }
+        s.done_upstream();
+        for j in 0..base_saved {
+            s.release(j);
+        }
+        if let Some(k) = gw16 {
+            s.grad(0);
+            s.free(k);
+        }
+        if let Some(gin) = gin {
+            if sh.x_bytes != lo {
+                let k = s.temp(t * sh.x_bytes * p.in_f);
+                s.free(gin);
+                s.give(k, 0);
+            } else {
+                s.give(gin, 0);
+            }
+        }
+    }
+    s.done_upstream();
     s.steps
 }
 
@@ -599,7 +836,8 @@ fn attention_fwd_transient(cx: &Ctx, a: &AttnSpec) -> u128 {
     }
 }
 
-fn attention(cx: &Ctx, a: &AttnSpec, v: T, out: T, c: &mut OpCost) {
+fn attention(cx: &Ctx, a: &AttnSpec, inputs: &[T], out: T, c: &mut OpCost) {
+    let v = inputs[2];
     let t = cx.tokens;
     let s_b = cx.dt.attention;
     let (q, kv) = (a.heads * a.qk_head_dim, a.kv_heads * a.qk_head_dim);
@@ -620,11 +858,21 @@ fn attention(cx: &Ctx, a: &AttnSpec, v: T, out: T, c: &mut OpCost) {
         {
             // Flash attention: roped q and k, v (a view of its projection's output), the output
             // (o_proj's input) and the fp32 log-sum-exp per head.
-            c.saved.push(Saved::Own(t * s_b * (q + kv)));
+            c.saved.push(Saved::Own(t * s_b * q));
+            c.saved.push(Saved::Own(t * s_b * kv));
             c.saved.push(v_saved);
             c.saved.push(Saved::Shared(out));
             c.saved.push(Saved::Own(t * 4 * a.heads));
             c.bwd_transient = t * (s_b * (2 * q + 2 * kv) + 4 * a.heads);
+            // Separate q, k, v (or one fused qkv); not MLA, whose k and v come from one
+            // projection and whose rope covers part of the head.
+            let plain = inputs[1] != inputs[2] || inputs[0] == inputs[1];
+            if plain {
+                let vkv = a.kv_heads * a.v_head_dim;
+                c.fwd_script = flash_script(t * s_b * q, t * s_b * kv, cached);
+                c.bwd_script =
+                    flash_bwd_script(t, s_b, (q, kv, vkv, vq), a.heads, a.kv_heads != a.heads);
+            }
         }
         Attention::Sdpa | Attention::Flash => {
             // Memory-efficient attention with the window mask: k and v repeated to every head,
@@ -659,6 +907,86 @@ fn attention(cx: &Ctx, a: &AttnSpec, v: T, out: T, c: &mut OpCost) {
             c.bwd_transient = t * (per_score * a.heads * seq + 3 * s_b * q);
         }
     }
+}
+
+/// RoPE (`apply_rotary_pos_emb`: `q * cos + rotate_half(q) * sin`, `rotate_half` = `cat(-x2,
+/// x1)`) on q and k, then flash attention (PyTorch 2.11 `_flash_attention_forward`): the roped q
+/// (saved 0) and k (saved 1; with a DynamicCache its `torch.cat` copy, 2 the v copy), the
+/// projections' outputs freed once roped, the output (3) and the fp32 log-sum-exp (4).
+fn flash_script(nq: u128, nk: u128, cached: bool) -> Vec<Fwd> {
+    let mut s = Script::default();
+    for (n, j) in [(nq, 0), (nk, 1)] {
+        let t1 = s.temp(n);
+        let neg = s.temp(n / 2);
+        let cat = s.temp(n);
+        s.free(neg);
+        let t2 = s.temp(n);
+        s.free(cat);
+        if cached && j == 1 {
+            let roped = s.temp(n);
+            s.free(t1);
+            s.free(t2);
+            s.save(1);
+            s.free(roped);
+        } else {
+            s.save(j);
+            s.free(t1);
+            s.free(t2);
+        }
+    }
+    s.save(2);
+    s.drop_input(0);
+    s.drop_input(1);
+    s.save(3);
+    s.save(4);
+    s.steps
+}
+
+/// Flash attention's backward (`_flash_attention_backward`, `mha_bwd`): dq, dk, dv; the fp32
+/// softmax_d (per head and token) and dq accumulator; with GQA dk and dv expanded to every head
+/// and summed back. Then RoPE's backward, k's then q's (the ready queue runs the later-created
+/// first): `rotate_half(x) * sin` (`grad * sin`), the cat's views, `-x2`, the two slices'
+/// zero-filled full-size gradients summed in place, `x * cos` (`grad * cos`) summed in too.
+fn flash_bwd_script(
+    t: u128,
+    s_b: u128,
+    (q, kv, vkv, vq): (u128, u128, u128, u128),
+    heads: u128,
+    gqa: bool,
+) -> Vec<Bwd> {
+    let mut s = BwdScript::default();
+    let dq = s.temp(t * s_b * q);
+    let dk = s.temp(t * s_b * kv);
+    let dv = s.temp(t * s_b * vkv);
+    let softmax_d = s.temp(t * 4 * heads);
+    let accum = s.temp(t * 4 * q);
+    if gqa {
+        let ek = s.temp(t * s_b * q);
+        let ev = s.temp(t * s_b * vq);
+        s.free(ek);
+        s.free(ev);
+    }
+    s.free(accum);
+    s.free(softmax_d);
+    s.done_upstream();
+    for j in 0..5 {
+        s.release(j);
+    }
+    for (grad, n, input) in [(dk, t * s_b * kv, 1), (dq, t * s_b * q, 0)] {
+        let by_sin = s.temp(n);
+        let neg = s.temp(n / 2);
+        let second = s.temp(n);
+        s.free(neg);
+        let first = s.temp(n);
+        s.free(by_sin);
+        s.free(first);
+        let by_cos = s.temp(n);
+        s.free(grad);
+        s.free(by_cos);
+        s.give(second, input);
+    }
+    s.give(dv, 2);
+    s.steps
 }
 
 /// transformers 5 fused experts under the default `grouped_mm` implementation

@@ -16,6 +16,7 @@
 //! `torch.cuda.max_memory_allocated`); the breakdown is what was alive at that moment.
 
 pub mod activations;
+mod backward;
 mod inference;
 mod liger;
 pub mod logits;
@@ -590,8 +591,13 @@ mod tests {
         let k = &j.model.recipe.kinds[0];
         let layer = inventory(&j, k, 10, true);
         let first = inventory(&j, k, 10, false);
-        // The first RMSNorm's fp32 input copy and rsqrt: 10 tokens × (4 · 2048 + 4) B.
-        assert_eq!(layer.saved() - first.saved(), 10 * (4 * 2048 + 4));
+        // The first RMSNorm's fp32 input copy and rsqrt, 10 tokens × (4 · 2048 + 4) B, and the
+        // dropout masks of q, k and v (1 B per input element: native_dropout's mask is saved
+        // only when its input needs a gradient).
+        assert_eq!(
+            layer.saved() - first.saved(),
+            10 * (4 * 2048 + 4) + 3 * 10 * 2048
+        );
         let mut mlp_only = j.clone();
         mlp_only.lora.as_mut().unwrap().targets = crate::method::parse_targets("mlp").unwrap();
         let layer = inventory(&mlp_only, k, 10, true);
@@ -614,7 +620,11 @@ mod tests {
             }
             only.saved()
         };
-        assert_eq!(mlp(&layer) - mlp(&first), 10 * (4 * 2048 + 4));
+        // The second norm's fp32 input copy and rsqrt, and gate's and up's dropout masks.
+        assert_eq!(
+            mlp(&layer) - mlp(&first),
+            10 * (4 * 2048 + 4) + 2 * 10 * 2048
+        );
         // Full fine-tuning trains the embedding: nothing changes.
         let full = job("llama-3.2-1b", Method::Full);
         assert_eq!(inventory(&full, k, 10, true), inventory(&full, k, 10, true));

@@ -87,6 +87,9 @@ pub(super) fn train_step(
     if fused_loss {
         if let Some(op) = head.ops.last_mut() {
             op.saved.clear();
+            // The loss computes lm_head's gradients itself: the hidden states' gradient (and
+            // the weight's) without the Linear's own backward.
+            op.bwd_script.clear();
         }
     }
     // The loss walk frees by size: each free releases the latest live loss tensor of that size.
@@ -127,8 +130,8 @@ pub(super) fn train_step(
     // shard (FSDP: the unit's full gradient exists until its reduce-scatter).
     // FSDP-HOOK(c): FSDP keeps a layer's (or the root's: lm_head, final norm, embedding)
     // unsharded gradients until that unit's post-backward (sharding.rs `FsdpWalk`).
-    let mut grads: Vec<Buf> = Vec::new();
-    let mut grad = |t: &mut Timeline, bytes: u128, root: bool| {
+    let grads: std::cell::RefCell<Vec<Buf>> = std::cell::RefCell::new(Vec::new());
+    let grad = |t: &mut Timeline, bytes: u128, root: bool| {
         if let Some(f) = &fsdp {
             if root {
                 f.root_grad(t, bytes);
@@ -140,7 +143,9 @@ pub(super) fn train_step(
         let spike = sh
             .unsharded_grad_spike
             .then(|| t.tensor(Category::Temporaries, bytes));
-        grads.push(t.tensor(Category::Gradients, sh.kept_grad(bytes)));
+        grads
+            .borrow_mut()
+            .push(t.tensor(Category::Gradients, sh.kept_grad(bytes)));
         if let Some(b) = spike {
             t.release(b);
         }
@@ -156,7 +161,7 @@ pub(super) fn train_step(
         .iter()
         .map(|&b| t.tensor(Category::Temporaries, b))
         .collect();
-    let mut layer_saved: Vec<Vec<Vec<Buf>>> = Vec::with_capacity(m.layers as usize);
+    let mut layer_saved: Vec<Vec<Vec<Option<Buf>>>> = Vec::with_capacity(m.layers as usize);
     let mut kept_inputs: Vec<Option<Buf>> = Vec::with_capacity(m.layers as usize);
     // The residual stream between layers: each layer's output is the next one's input (the
     // embedding output, before the first layer, is not tracked).
@@ -187,10 +192,14 @@ pub(super) fn train_step(
             layer_saved.push(Vec::new());
         } else {
             kept_inputs.push(None);
-            let (saved, out) = forward_layer(t, inv, None, true, true, true, false);
+            // The embedding output (the first layer's input), then each layer's output.
+            let input = stream
+                .take()
+                .unwrap_or_else(|| t.tensor(Category::Activations, inv.input));
+            let (saved, out) = forward_layer(t, inv, Some(input), true, true, true, true);
             stream = out;
             if offload {
-                saved.into_iter().flatten().for_each(|b| t.release(b));
+                saved.into_iter().flatten().flatten().for_each(|b| t.release(b));
                 host += inv.saved();
                 layer_saved.push(Vec::new());
             } else {
@@ -277,9 +286,10 @@ pub(super) fn train_step(
         t.release(g_raw);
         g_raw = next;
     }
-    // lm_head backward: the input gradient, and the weight gradient when it trains.
-    let hidden_grad = t.tensor(Category::Temporaries, tokens * dt.residual * m.hidden);
-    backward_layer(
+    // lm_head and the final norm backward (the input gradient, and the weight gradient when it
+    // trains): their input's gradient flows into the decoder, layer by layer.
+    let n_grads = grads.borrow().len();
+    let mut flow = backward::backward_layer(
         t,
         &head,
         head_saved,
@@ -299,19 +309,16 @@ pub(super) fn train_step(
             (offload && job.grad_checkpointing).then(|| t.tensor(Category::Activations, inv.input));
         let saved = if job.grad_checkpointing || offload {
             // The recompute (or the saved tensors brought back), from the kept input.
-            if job.grad_checkpointing {
-                t.transient(Category::Temporaries, inv.fwd_transient);
-            }
-            forward_layer(t, inv, None, false, true, false, false).0
+            forward_layer(t, inv, None, false, true, false, true).0
         } else {
             std::mem::take(&mut layer_saved[l])
         };
-        backward_layer(
+        flow = backward::backward_layer(
             t,
             inv,
             saved,
             &mut |t: &mut Timeline, b| grad(t, b, false),
-            None,
+            flow,
         );
         if let Some(b) = kept_inputs[l].take().or(back) {
             t.release(b);
@@ -323,14 +330,25 @@ pub(super) fn train_step(
     if full {
         let emb = m.param_counts().embedding * resident::dense_param_bytes(job);
         if m.tie_embeddings {
-            // The embedding's dense gradient plus the out-of-place sum with lm_head's gradient
-            // (measured: +2 × V·h on the 1B and 3B tied models).
-            t.transient(Category::Temporaries, 2 * emb);
+            // The embedding's dense gradient, then its out-of-place sum with lm_head's gradient,
+            // which replaces it (measured: +2 × V·h on the 1B and 3B tied models).
+            let dense = t.tensor(Category::Temporaries, emb);
+            let head_grad = grads.borrow().get(n_grads).copied().filter(|g| g.bytes == emb);
+            match head_grad {
+                Some(old) => {
+                    grads.borrow_mut()[n_grads] = t.tensor(Category::Gradients, emb);
+                    t.release(old);
+                }
+                None => t.transient(Category::Temporaries, emb),
+            }
+            t.release(dense);
         } else {
             grad(t, emb, true);
         }
     }
-    t.release(hidden_grad);
+    if let Some(b) = flow {
+        t.release(b);
+    }
     for b in mask_bufs {
         t.release(b);
     }
@@ -360,7 +378,7 @@ pub(super) fn train_step(
         t.release(b);
     }
     // zero_grad(set_to_none=True)
-    for g in grads {
+    for g in grads.into_inner() {
         t.release(g);
     }
     if let Some(f) = &fsdp {
@@ -440,7 +458,7 @@ pub(super) fn forward_layer(
     save: bool,
     keep_output: bool,
     track: bool,
-) -> (Vec<Vec<Buf>>, Option<Buf>) {
+) -> (Vec<Vec<Option<Buf>>>, Option<Buf>) {
     let n = inv.tensor_bytes.len();
     let n_ops = inv.ops.len();
     // The last op reading each tensor; whether some op saves it (first saver holds it).
@@ -468,9 +486,10 @@ pub(super) fn forward_layer(
     for (i, op) in inv.ops.iter().enumerate() {
         let o = inv.outputs.get(i).copied();
         let is_last = i + 1 == n_ops;
-        let alloc_out = |t: &mut Timeline, bufs: &mut Vec<Option<Buf>>| {
+        let alloc_out = |t: &mut Timeline, bufs: &mut Vec<Option<Buf>>, seen: &[bool]| {
             if let Some(o) = o {
-                if bufs[o].is_none() && (!is_last || keep_output) {
+                // An output its own op saved is held by that op (`seen`) and not allocated twice.
+                if bufs[o].is_none() && !seen[o] && (!is_last || keep_output) {
                     let cat = if will_save[o] || is_last {
                         Category::Activations
                     } else {
@@ -480,8 +499,8 @@ pub(super) fn forward_layer(
                 }
             }
         };
-        let mut save_one =
-            |t: &mut Timeline, bufs: &mut Vec<Option<Buf>>, s: Saved| -> Option<Buf> {
+        let save_one =
+            |t: &mut Timeline, bufs: &mut Vec<Option<Buf>>, seen: &mut Vec<bool>, s: Saved| -> Option<Buf> {
                 match s {
                     Saved::Own(b) => Some(t.tensor(
                         if save {
@@ -524,23 +543,31 @@ pub(super) fn forward_layer(
                             t.release(b);
                         }
                     }
-                    Fwd::Save(j) => out[j] = save_one(t, &mut bufs, op.saved[j]),
+                    Fwd::Save(j) => out[j] = save_one(t, &mut bufs, &mut seen, op.saved[j]),
                     Fwd::Out if !track => {
                         if let Some(o) = o {
                             temps.push(Some(t.tensor(Category::Temporaries, inv.tensor_bytes[o])));
                         }
                     }
-                    Fwd::Out => alloc_out(t, &mut bufs),
+                    Fwd::Out => alloc_out(t, &mut bufs, &seen),
+                    Fwd::DropInput(n) => {
+                        let x = inv.inputs[i].get(n).copied();
+                        if let Some(x) = x.filter(|&x| last_use[x] == Some(i) && (x != 0 || free_input)) {
+                            if let Some(b) = bufs[x].take() {
+                                t.release(b);
+                            }
+                        }
+                    }
                 }
             }
         } else {
             temps.push(Some(t.tensor(Category::Temporaries, op.fwd_transient)));
             for (j, &s) in op.saved.iter().enumerate() {
-                out[j] = save_one(t, &mut bufs, s);
+                out[j] = save_one(t, &mut bufs, &mut seen, s);
             }
         }
         if track {
-            alloc_out(t, &mut bufs);
+            alloc_out(t, &mut bufs, &seen);
         }
         for b in temps.into_iter().flatten() {
             t.release(b);
@@ -551,7 +578,7 @@ pub(super) fn forward_layer(
                 t.release(b);
             }
         }
-        per_op.push(out.into_iter().flatten().collect());
+        per_op.push(out);
         // Inputs whose last consumer this was (the layer input only when the caller lets go).
         let mut dead: Vec<crate::arch::T> = inv.inputs[i]
             .iter()
@@ -584,65 +611,6 @@ pub(super) fn forward_layer(
         }
     }
     (per_op, layer_out)
-}
-
-/// The backward of one layer, block by block in reverse: the incoming and outgoing residual
-/// gradients alive through each block; each op, in reverse, allocates its gradient buffers,
-/// frees the tensors it saved (a shared tensor goes with the first op in forward order that
-/// saved it, i.e. the last to run backward) and creates its parameters' gradients.
-pub(super) fn backward_layer(
-    t: &mut Timeline,
-    inv: &LayerInventory,
-    saved: Vec<Vec<Buf>>,
-    grad: &mut impl FnMut(&mut Timeline, u128),
-    upstream: Option<Buf>,
-) {
-    let mut saved = saved;
-    // A shared tensor allocated by op i may be saved by later ops too; it is released with op i,
-    // which runs backward after them. So releasing each op's own list in reverse order is
-    // exactly right.
-    let mut upstream = upstream;
-    let mut block: Option<u8> = None;
-    let mut residual: Vec<Buf> = Vec::new();
-    for (i, op) in inv.ops.iter().enumerate().rev() {
-        let b = inv.blocks[i];
-        if block != Some(b) {
-            for r in residual.drain(..) {
-                t.release(r);
-            }
-            if inv.residual_grad > 0 {
-                residual.push(t.tensor(Category::Temporaries, inv.residual_grad));
-                residual.push(t.tensor(Category::Temporaries, inv.residual_grad));
-            }
-            block = Some(b);
-        }
-        let mut mine = saved.get_mut(i).map(std::mem::take).unwrap_or_default();
-        if op.bwd_stages.is_empty() {
-            t.transient(Category::Temporaries, op.bwd_transient);
-        } else {
-            for &(bytes, n) in &op.bwd_stages {
-                t.transient(Category::Temporaries, bytes);
-                for s in mine.split_off(mine.len().saturating_sub(n)) {
-                    t.release(s);
-                }
-            }
-        }
-        if let Some(u) = upstream.take() {
-            t.release(u);
-        }
-        for s in mine {
-            t.release(s);
-        }
-        for &g in &op.grads {
-            grad(t, g);
-        }
-    }
-    for r in residual {
-        t.release(r);
-    }
-    if let Some(u) = upstream {
-        t.release(u);
-    }
 }
 
 /// The final norm and lm_head as a one-block layer under the same op rules (lm_head is never a
