@@ -885,6 +885,29 @@ fn attention(cx: &Ctx, a: &AttnSpec, inputs: &[T], out: T, c: &mut OpCost) {
         }
         Attention::Eager => {
             let repeated = a.kv_heads != a.heads;
+            let plain = (inputs[1] != inputs[2] || inputs[0] == inputs[1])
+                && !a.sinks
+                && !a.softcap;
+            let scores = t * a.heads * seq;
+            if plain {
+                // q (roped), k (roped; repeated for GQA), the fp32 softmax, its 16-bit cast, v
+                // (repeated, or its projection's output).
+                c.saved.push(Saved::Own(t * s_b * q));
+                c.saved
+                    .push(Saved::Own(t * s_b * if repeated { q } else { kv }));
+                c.saved.push(Saved::Own(4 * scores));
+                c.saved.push(Saved::Own(s_b * scores));
+                c.saved.push(if repeated {
+                    Saved::Own(t * s_b * vq)
+                } else {
+                    v_saved
+                });
+                let widths = (q, kv, a.kv_heads * a.v_head_dim, vq);
+                c.fwd_script = eager_script(t, s_b, widths, scores, cached, repeated);
+                c.bwd_script = eager_bwd_script(t, s_b, widths, scores, repeated);
+                c.bwd_transient = t * (10 * a.heads * seq + 3 * s_b * q);
+                return;
+            }
             // q, k (roped; repeated for GQA), v (repeated, or its projection's output).
             c.saved
                 .push(Saved::Own(t * s_b * (q + if repeated { q } else { kv })));
@@ -909,30 +932,148 @@ fn attention(cx: &Ctx, a: &AttnSpec, inputs: &[T], out: T, c: &mut OpCost) {
     }
 }
 
+/// RoPE's forward on one projection (`q * cos + rotate_half(q) * sin`): saved as `j`, or left
+/// as a temporary (returned) for a copy that is saved instead.
+fn rope_fwd(s: &mut Script, n: u128, j: Option<usize>) -> Option<usize> {
+    let t1 = s.temp(n);
+    let neg = s.temp(n / 2);
+    let cat = s.temp(n);
+    s.free(neg);
+    let t2 = s.temp(n);
+    s.free(cat);
+    let out = s.saved_or_temp(j, n);
+    s.free(t1);
+    s.free(t2);
+    out
+}
+
+/// RoPE's backward from `grad` (freed): `grad * sin` for `rotate_half(x) * sin`, the cat's
+/// views, `-x2`, the two slices' zero-filled full-size gradients summed in place, `grad * cos`
+/// summed in too; the result is the gradient of input `input`.
+fn rope_bwd(s: &mut BwdScript, grad: usize, n: u128, input: usize) {
+    let by_sin = s.temp(n);
+    let neg = s.temp(n / 2);
+    let second = s.temp(n);
+    s.free(neg);
+    let first = s.temp(n);
+    s.free(by_sin);
+    s.free(first);
+    let by_cos = s.temp(n);
+    s.free(grad);
+    s.free(by_cos);
+    s.give(second, input);
+}
+
+/// transformers' `eager_attention_forward` (5.17 `models/llama/modeling_llama.py`) after RoPE:
+/// `repeat_kv` copies of k (saved 1) and v (saved 4) for GQA, `matmul(q, kᵀ)`, `* scaling`,
+/// `+ causal_mask`, `softmax(dtype=float32)` (the fp32 copy of its input, then the saved fp32
+/// output 2), `.to(q.dtype)` (saved 3), `matmul(·, v)`, `.transpose(1, 2).contiguous()` (the op's
+/// output, o_proj's input).
+fn eager_script(
+    t: u128,
+    s_b: u128,
+    (q, kv, vkv, vq): (u128, u128, u128, u128),
+    scores: u128,
+    cached: bool,
+    repeated: bool,
+) -> Vec<Fwd> {
+    let mut s = Script::default();
+    rope_fwd(&mut s, t * s_b * q, Some(0));
+    let copy_k = repeated || cached;
+    let roped = rope_fwd(&mut s, t * s_b * kv, (!copy_k).then_some(1));
+    let cat = (cached && repeated).then(|| s.temp(t * s_b * kv));
+    if copy_k {
+        s.save(1);
+    }
+    for k in [roped, cat].into_iter().flatten() {
+        s.free(k);
+    }
+    let v_cat = (cached && repeated).then(|| s.temp(t * s_b * vkv));
+    s.save(4);
+    if let Some(k) = v_cat {
+        s.free(k);
+    }
+    s.drop_input(0);
+    s.drop_input(1);
+    let mm = s.temp(s_b * scores);
+    let scaled = s.temp(s_b * scores);
+    s.free(mm);
+    let masked = s.temp(s_b * scores);
+    s.free(scaled);
+    let up = s.temp(4 * scores);
+    s.save(2);
+    s.free(up);
+    s.save(3);
+    s.free(masked);
+    let pv = s.temp(t * s_b * vq);
+    s.out();
+    s.free(pv);
+    s.steps
+}
+
+/// Its backward: the output gradient reshaped (a copy: it is a transposed view), `matmul(·, v)`
+/// (the probabilities' and v's gradients; v's summed over the GQA group), `.to` (fp32),
+/// `_softmax_backward_data`, the fp32 input cast back, `* scaling`, `matmul(q, kᵀ)` (q's and
+/// k's gradients; k's summed over the group), then RoPE's, k's first.
+fn eager_bwd_script(
+    t: u128,
+    s_b: u128,
+    (q, kv, vkv, vq): (u128, u128, u128, u128),
+    scores: u128,
+    repeated: bool,
+) -> Vec<Bwd> {
+    let mut s = BwdScript::default();
+    let copy = s.temp(t * s_b * q);
+    s.done_upstream();
+    let gw = s.temp(s_b * scores);
+    let gv = s.temp(t * s_b * vq);
+    s.free(copy);
+    s.release(3);
+    s.release(4);
+    if repeated {
+        let k = s.temp(t * s_b * vkv);
+        s.free(gv);
+        s.give(k, 2);
+    } else {
+        s.give(gv, 2);
+    }
+    let g32 = s.temp(4 * scores);
+    s.free(gw);
+    let gs = s.temp(4 * scores);
+    s.free(g32);
+    s.release(2);
+    let g16 = s.temp(s_b * scores);
+    s.free(gs);
+    let gm = s.temp(s_b * scores);
+    s.free(g16);
+    let gq = s.temp(t * s_b * q);
+    let gk_rep = s.temp(t * s_b * if repeated { q } else { kv });
+    s.free(gm);
+    s.release(0);
+    s.release(1);
+    let gk = if repeated {
+        let k = s.temp(t * s_b * kv);
+        s.free(gk_rep);
+        k
+    } else {
+        gk_rep
+    };
+    rope_bwd(&mut s, gk, t * s_b * kv, 1);
+    rope_bwd(&mut s, gq, t * s_b * q, 0);
+    s.steps
+}
+
 /// RoPE (`apply_rotary_pos_emb`: `q * cos + rotate_half(q) * sin`, `rotate_half` = `cat(-x2,
 /// x1)`) on q and k, then flash attention (PyTorch 2.11 `_flash_attention_forward`): the roped q
 /// (saved 0) and k (saved 1; with a DynamicCache its `torch.cat` copy, 2 the v copy), the
 /// projections' outputs freed once roped, the output (3) and the fp32 log-sum-exp (4).
 fn flash_script(nq: u128, nk: u128, cached: bool) -> Vec<Fwd> {
     let mut s = Script::default();
-    for (n, j) in [(nq, 0), (nk, 1)] {
-        let t1 = s.temp(n);
-        let neg = s.temp(n / 2);
-        let cat = s.temp(n);
-        s.free(neg);
-        let t2 = s.temp(n);
-        s.free(cat);
-        if cached && j == 1 {
-            let roped = s.temp(n);
-            s.free(t1);
-            s.free(t2);
-            s.save(1);
-            s.free(roped);
-        } else {
-            s.save(j);
-            s.free(t1);
-            s.free(t2);
-        }
+    rope_fwd(&mut s, nq, Some(0));
+    let roped = rope_fwd(&mut s, nk, (!cached).then_some(1));
+    if let Some(k) = roped {
+        s.save(1);
+        s.free(k);
     }
     s.save(2);
     s.drop_input(0);
@@ -972,19 +1113,8 @@ fn flash_bwd_script(
     for j in 0..5 {
         s.release(j);
     }
-    for (grad, n, input) in [(dk, t * s_b * kv, 1), (dq, t * s_b * q, 0)] {
-        let by_sin = s.temp(n);
-        let neg = s.temp(n / 2);
-        let second = s.temp(n);
-        s.free(neg);
-        let first = s.temp(n);
-        s.free(by_sin);
-        s.free(first);
-        let by_cos = s.temp(n);
-        s.free(grad);
-        s.free(by_cos);
-        s.give(second, input);
-    }
+    rope_bwd(&mut s, dk, t * s_b * kv, 1);
+    rope_bwd(&mut s, dq, t * s_b * q, 0);
     s.give(dv, 2);
     s.steps
 }
