@@ -306,6 +306,15 @@ impl Fit {
             SizeUnit::Binary
         };
         let headroom = Bytes(self.headroom_bytes.unsigned_abs()).display_in(unit);
+        if self.fits && self.utilization_pct > 100.0 {
+            // The replay at the card's capacity fits only because the caching allocator frees
+            // its cached blocks and retries before failing (CUDACachingAllocator.cpp
+            // `release_cached_blocks`): say so rather than "FITS … 102% used".
+            return format!(
+                "FITS on {} ({}) only by the allocator freeing its cache: uncapped, the step would reserve {:.1}% of it; margin at the tightest moment {headroom}",
+                self.gpu, self.gpu_memory, self.utilization_pct,
+            );
+        }
         format!(
             "{} on {} ({}): {:.1}% used, headroom {}{headroom}",
             if self.fits { "FITS" } else { "DOES NOT FIT" },

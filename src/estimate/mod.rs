@@ -157,11 +157,15 @@ pub fn estimate_with(job: &Job, profile: &RuntimeProfile) -> Result<Estimate, Er
         };
         (mine, all.max(1))
     };
-    for &(cat, bytes) in &res.load_tensors {
-        let (mine, all) = share(cat);
-        let _ = t.tensor(cat, bytes * mine / all);
+    if job.weights == crate::dtype::Precision::Nf4 && !sharded {
+        nf4_load(job, &res, &mut t);
+    } else {
+        for &(cat, bytes) in &res.load_tensors {
+            let (mine, all) = share(cat);
+            let _ = t.tensor(cat, bytes * mine / all);
+        }
     }
-    if job.model.tie_embeddings {
+    if job.model.tie_embeddings && !(job.weights == crate::dtype::Precision::Nf4 && !sharded) {
         let (mine, all) = share(Category::Weights);
         t.transient(
             Category::Weights,
@@ -197,6 +201,68 @@ pub fn estimate_with(job: &Job, profile: &RuntimeProfile) -> Result<Estimate, Er
         explain
     };
     Ok(finish(job, &res, &sh, &t, profile, explain_extra))
+}
+
+/// Loading a 4-bit model as transformers and bitsandbytes do: the model built in 16 bits, every
+/// parameter in module order (a tied lm_head built, then dropped by `tie_weights`), then each
+/// quantized `nn.Linear` replaced in turn (`Params4bit._quantize` → `functional.quantize_4bit`,
+/// bitsandbytes 0.50.2): the fp32 absmax (one per 64-block) and the packed weight, the 16-entry
+/// code (`get_4bit_type`, with two small temporaries); with double quantization the absmax
+/// offset, `absmax - offset` (temporary), `quantize_blockwise` (the nested state's absmax, the
+/// uint8 absmax, a copy of the dynamic map), the fp32 absmax freed; then the 16-bit weight freed.
+/// The small NF4 tensors are carved from blocks earlier 16-bit weights left, which keeps those
+/// segments reserved through `empty_cache`. Then the adapters.
+fn nf4_load(job: &Job, res: &Resident, t: &mut Timeline) {
+    let dense = resident::dense_param_bytes(job);
+    let order = job.model.recipe.build_order();
+    let mut built: Vec<(u128, Vec<Buf>)> = Vec::new();
+    for p in &order {
+        let n = p.rows * p.cols;
+        if resident::quantized(job, p) {
+            let copies = (0..p.copies)
+                .map(|_| t.tensor(Category::Weights, n * dense))
+                .collect();
+            built.push((n, copies));
+        } else {
+            let _ = t.tensor(Category::Weights, p.numel() * dense);
+        }
+    }
+    if job.model.tie_embeddings {
+        t.transient(
+            Category::Weights,
+            job.model.param_counts().embedding * dense,
+        );
+    }
+    for (n, copies) in built {
+        let (data, consts) = job.weights.storage_bytes(1, n, job.double_quant);
+        for w in copies {
+            let blocks = n.div_ceil(crate::dtype::NF4_BLOCK);
+            let absmax = t.tensor(Category::QuantConstants, 4 * blocks);
+            let _packed = t.tensor(Category::Weights, data);
+            let _code = t.tensor(Category::QuantConstants, 64);
+            let abs = t.tensor(Category::Temporaries, 64);
+            t.transient(Category::Temporaries, 4);
+            t.release(abs);
+            if job.double_quant {
+                let _offset = t.tensor(Category::QuantConstants, 4);
+                let centred = t.tensor(Category::Temporaries, 4 * blocks);
+                let nested = consts.saturating_sub(blocks + 4 + 1024 + 64);
+                let _state2 = t.tensor(Category::QuantConstants, nested);
+                let _qabsmax = t.tensor(Category::QuantConstants, blocks);
+                let _map = t.tensor(Category::QuantConstants, 1024);
+                t.release(centred);
+                t.release(absmax);
+            } else {
+                debug_assert_eq!(consts, 4 * blocks + 64);
+            }
+            t.release(w);
+        }
+    }
+    for &(cat, bytes) in &res.load_tensors {
+        if cat == Category::Adapters {
+            let _ = t.tensor(cat, bytes);
+        }
+    }
 }
 
 /// The out-of-memory line: the step replayed through the caching allocator with `capacity`

@@ -268,7 +268,7 @@ pub fn lora_modules(job: &Job) -> Vec<LoraModule> {
 
 /// Whether a parameter is stored quantized under `job` (bitsandbytes replaces `nn.Linear`
 /// only; fused experts only with `--quantize-experts`, one expert at a time).
-fn quantized(job: &Job, p: &Param) -> bool {
+pub(super) fn quantized(job: &Job, p: &Param) -> bool {
     if !matches!(job.weights, Precision::Nf4 | Precision::Int8) {
         return false;
     }
