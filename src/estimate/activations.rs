@@ -676,7 +676,20 @@ fn linear_script(cx: &Ctx, p: &Proj, sh: &LinearShape, saved: &[Saved]) -> Vec<F
             j += 1;
         }
     }
+    // bitsandbytes' `_dequant_linear_fallback` (the path sm90 takes): with double quantization
+    // the absmax dequantized and offset first (fp32, one per 64-block each, freed at return).
+    let absmax = if sh.dequant > 0 && cx.job.double_quant {
+        let n = p.in_f * p.out_f;
+        let a = s.temp(4 * n.div_ceil(crate::dtype::NF4_BLOCK));
+        let b = s.temp(4 * n.div_ceil(crate::dtype::NF4_BLOCK));
+        vec![a, b]
+    } else {
+        Vec::new()
+    };
     let dq = (sh.dequant > 0).then(|| s.temp(sh.dequant));
+    for k in absmax {
+        s.free(k);
+    }
     let Some((_, dropout)) = sh.lora else {
         if let Some(k) = dq {
             s.free(k);
@@ -688,9 +701,17 @@ fn linear_script(cx: &Ctx, p: &Proj, sh: &LinearShape, saved: &[Saved]) -> Vec<F
         }
         return s.steps;
     };
-    let result = s.temp(t * dt.linear_out * p.out_f);
+    let mut result = s.temp(t * dt.linear_out * p.out_f);
     if let Some(k) = dq {
         s.free(k);
+    }
+    // peft's bitsandbytes wrapper (`tuners/lora/bnb.py` `Linear4bit.forward`) clones the base
+    // output, casts the LoRA branch back to the output dtype and sums in that dtype.
+    let bnb = sh.dequant > 0;
+    if bnb {
+        let clone = s.temp(t * dt.linear_out * p.out_f);
+        s.free(result);
+        result = clone;
     }
     let (a_out, x_saved) = (j, j + 1);
     let mut cast = None;
@@ -710,11 +731,19 @@ fn linear_script(cx: &Ctx, p: &Proj, sh: &LinearShape, saved: &[Saved]) -> Vec<F
     let b_out = s.temp(t * sh.adapter * p.out_f);
     let scaled = s.temp(t * sh.adapter * p.out_f);
     s.free(b_out);
-    let sum = s.temp(t * sh.adapter * p.out_f);
-    s.free(scaled);
-    s.free(result);
-    s.out();
-    s.free(sum);
+    if bnb {
+        let cast = s.temp(t * dt.linear_out * p.out_f);
+        s.free(scaled);
+        s.out();
+        s.free(result);
+        s.free(cast);
+    } else {
+        let sum = s.temp(t * sh.adapter * p.out_f);
+        s.free(scaled);
+        s.free(result);
+        s.out();
+        s.free(sum);
+    }
     if let Some(k) = cast {
         s.free(k);
     }
@@ -748,11 +777,14 @@ fn linear_bwd_script(cx: &Ctx, p: &Proj, sh: &LinearShape) -> Vec<Bwd> {
     if let Some((rank, dropout)) = sh.lora {
         let a = sh.adapter;
         let (a_out, x_saved) = (base_saved, base_saved + 1);
+        let bnb = sh.dequant > 0;
         let g32 = (lo != a).then(|| s.temp(t * a * p.out_f));
-        if g32.is_some() {
+        if g32.is_some() && !bnb {
             s.done_upstream();
         }
-        base_grad = (base_runs && lo != a).then(|| s.temp(t * lo * p.out_f));
+        // peft's bnb wrapper sums in the output dtype: the base (through the clone) gets the
+        // incoming gradient itself, no cast.
+        base_grad = (base_runs && lo != a && !bnb).then(|| s.temp(t * lo * p.out_f));
         let gs = s.temp(t * a * p.out_f);
         if let Some(k) = g32 {
             s.free(k);
@@ -786,6 +818,10 @@ fn linear_bwd_script(cx: &Ctx, p: &Proj, sh: &LinearShape) -> Vec<Bwd> {
     }
     if base_runs {
         let gin = sh.in_rg.then(|| {
+            if sh.dequant > 0 && cx.job.double_quant {
+                let k = s.temp(4 * (p.in_f * p.out_f).div_ceil(crate::dtype::NF4_BLOCK));
+                s.free(k);
+            }
             let dq = (sh.dequant > 0).then(|| s.temp(sh.dequant));
             let k = s.temp(t * lo * p.in_f);
             if let Some(d) = dq {
