@@ -131,6 +131,7 @@ fn gib(b: u128) -> f64 {
 fn estimate_matches_reference_traces() {
     let rows = rows();
     assert!(rows.len() >= 100, "traces.jsonl has {} cases", rows.len());
+    let mut per_model: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     let mut errs = Vec::new();
     let mut refused = Vec::new();
     let mut over = Vec::new();
@@ -147,6 +148,17 @@ fn estimate_matches_reference_traces() {
                     err * 100.0,
                     row.id
                 );
+                let model = row.id.split('|').next().unwrap_or("");
+                let model = match model.rfind("-L") {
+                    Some(k) if model[k + 2..].starts_with(|c: char| c.is_ascii_digit()) => {
+                        &model[..k]
+                    }
+                    _ => model,
+                };
+                per_model
+                    .entry(model.to_string())
+                    .or_default()
+                    .push(err.abs());
                 match known_gap(&row.id) {
                     Some(why) if std::env::var_os("MEMPLAN_NO_GAPS").is_none() => {
                         println!("{:>31}  gap: {why}", "");
@@ -178,6 +190,35 @@ fn estimate_matches_reference_traces() {
                 refused.push(row.id.clone());
             }
         }
+    }
+    // The per-architecture table of the book (Architectures), gaps included.
+    println!("| model (traced config) | cases | median | worst |\n|---|---:|---:|---:|");
+    let mut all: Vec<f64> = Vec::new();
+    let mid = |v: &[f64]| {
+        if v.len() % 2 == 1 {
+            v[v.len() / 2]
+        } else {
+            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+        }
+    };
+    for (model, v) in &mut per_model {
+        v.sort_by(f64::total_cmp);
+        all.extend(v.iter());
+        println!(
+            "| {model} | {} | {:.3}% | {:.2}% |",
+            v.len(),
+            mid(v) * 100.0,
+            v[v.len() - 1] * 100.0
+        );
+    }
+    all.sort_by(f64::total_cmp);
+    if !all.is_empty() {
+        println!(
+            "| **all** | **{}** | **{:.3}%** | **{:.2}%** |",
+            all.len(),
+            mid(&all) * 100.0,
+            all[all.len() - 1] * 100.0
+        );
     }
     errs.sort_by(f64::total_cmp);
     let median = if errs.is_empty() {

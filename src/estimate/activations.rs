@@ -921,9 +921,8 @@ fn attention(cx: &Ctx, a: &AttnSpec, inputs: &[T], out: T, c: &mut OpCost) {
         }
         Attention::Eager => {
             let repeated = a.kv_heads != a.heads;
-            let plain = (inputs[1] != inputs[2] || inputs[0] == inputs[1])
-                && !a.sinks
-                && !a.softcap;
+            let plain =
+                (inputs[1] != inputs[2] || inputs[0] == inputs[1]) && !a.sinks && !a.softcap;
             let scores = t * a.heads * seq;
             if plain {
                 // q (roped), k (roped; repeated for GQA), the fp32 softmax, its 16-bit cast, v

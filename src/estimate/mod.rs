@@ -157,7 +157,8 @@ pub fn estimate_with(job: &Job, profile: &RuntimeProfile) -> Result<Estimate, Er
         };
         (mine, all.max(1))
     };
-    if job.weights == crate::dtype::Precision::Nf4 && !sharded {
+    let nf4_build = job.weights == crate::dtype::Precision::Nf4 && !sharded;
+    if nf4_build {
         nf4_load(job, &res, &mut t);
     } else {
         for &(cat, bytes) in &res.load_tensors {
@@ -165,7 +166,7 @@ pub fn estimate_with(job: &Job, profile: &RuntimeProfile) -> Result<Estimate, Er
             let _ = t.tensor(cat, bytes * mine / all);
         }
     }
-    if job.model.tie_embeddings && !(job.weights == crate::dtype::Precision::Nf4 && !sharded) {
+    if job.model.tie_embeddings && !nf4_build {
         let (mine, all) = share(Category::Weights);
         t.transient(
             Category::Weights,
