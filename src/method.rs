@@ -124,6 +124,10 @@ pub struct Job {
     /// Quantize fused MoE experts one expert at a time (transformers 4.x, some trainers);
     /// transformers 5 + bitsandbytes leave them in 16 bit.
     pub quantize_experts: bool,
+    /// A 4-bit model built in 16 bits on the GPU first, then quantized Linear by Linear
+    /// (`--quantize-after-load`); by default each weight is quantized as it loads, as
+    /// `from_pretrained` with a `BitsAndBytesConfig` does.
+    pub quantize_after_load: bool,
     pub runtime: Runtime,
     /// Data-parallel sharding (ZeRO / FSDP); `None` is one GPU.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -170,6 +174,7 @@ impl Job {
             activation_offload: false,
             liger_kernels: false,
             quantize_experts: false,
+            quantize_after_load: false,
             runtime: Runtime::Pytorch,
             sharding: None,
             alloc_conf: AllocConf::default(),

@@ -62,6 +62,8 @@ fn load_cases() -> Vec<Case> {
             if method == Method::Qlora {
                 job.double_quant = c["double_quant"].as_bool().unwrap();
                 job.kbit_prep = c["prep_kbit"].as_bool().unwrap();
+                // measure.py builds the model in bf16 on the GPU, then quantizes it.
+                job.quantize_after_load = true;
             }
             let mut args: Vec<String> = vec![
                 "estimate".into(),
@@ -99,6 +101,9 @@ fn load_cases() -> Vec<Case> {
             }
             if job.kbit_prep {
                 args.push("--kbit-prep".into());
+            }
+            if job.quantize_after_load {
+                args.push("--quantize-after-load".into());
             }
             let s = &r["summary"];
             let measured = s["peak_alloc_step1"]

@@ -219,6 +219,14 @@ impl JobSettings {
                 "--quantize-experts".into(),
             );
         }
+        if self.quantize_after_load {
+            job.quantize_after_load = true;
+            flag(
+                "quantize_after_load",
+                "true".into(),
+                "--quantize-after-load".into(),
+            );
+        }
         if let Some(c) = &self.alloc_conf {
             job.alloc_conf = c.parse()?;
             flag("alloc_conf", c.clone(), format!("--alloc-conf {c}"));

@@ -434,6 +434,11 @@ pub struct JobSettings {
     /// some trainers do); by default transformers 5 + bitsandbytes keep them in 16 bit.
     #[arg(long)]
     pub quantize_experts: bool,
+    /// QLoRA: the model was built in 16 bits on the GPU, then its Linear layers quantized one by
+    /// one (bitsandbytes' replace_with_bnb_linear on a loaded model); by default each weight is
+    /// quantized as it loads (from_pretrained with a BitsAndBytesConfig).
+    #[arg(long)]
+    pub quantize_after_load: bool,
     /// PyTorch caching-allocator settings, as in PYTORCH_CUDA_ALLOC_CONF, e.g.
     /// expandable_segments:True,max_split_size_mb:128.
     #[arg(long)]

@@ -888,6 +888,28 @@ fn attention(cx: &Ctx, a: &AttnSpec, inputs: &[T], out: T, c: &mut OpCost) {
     } else {
         Saved::Shared(v)
     };
+    // SDPA on 32-bit q, k, v with grouped kv heads runs the math backend (PyTorch 2.11
+    // `sdp_utils.cpp`: cuDNN and flash take 16-bit inputs only, memory-efficient attention no
+    // GQA); fp32 norm weights (`prepare_model_for_kbit_training`) or fp32 training get there.
+    let plain = inputs[1] != inputs[2] || inputs[0] == inputs[1];
+    if cx.job.attention == Attention::Sdpa
+        && s_b == 4
+        && a.heads != a.kv_heads
+        && !sdpa_masked(cx.job, a)
+        && plain
+        && a.qk_head_dim == a.v_head_dim
+    {
+        let scores = t * a.heads * seq;
+        c.saved.push(Saved::Own(t * 4 * q));
+        c.saved.push(Saved::Own(t * 4 * q));
+        c.saved.push(Saved::Own(4 * scores));
+        c.saved.push(Saved::Own(t * 4 * vq));
+        let widths = (q, kv, a.kv_heads * a.v_head_dim, vq);
+        c.fwd_script = math_sdpa_script(t, widths, (scores, t * a.heads), seq * seq, cached);
+        c.bwd_script = math_sdpa_bwd_script(t, widths, scores);
+        c.bwd_transient = t * (12 * a.heads * seq + 12 * q);
+        return;
+    }
     match cx.job.attention {
         Attention::Sdpa | Attention::Flash
             if !(cx.job.attention == Attention::Sdpa && sdpa_masked(cx.job, a)) =>
@@ -997,6 +1019,95 @@ fn rope_bwd(s: &mut BwdScript, grad: usize, n: u128, input: usize) {
     s.free(grad);
     s.free(by_cos);
     s.give(second, input);
+}
+
+/// PyTorch 2.11's math SDPA (`attention.cpp` `_scaled_dot_product_attention_math`) on fp32 q, k,
+/// v with GQA, after RoPE (the roped q and k alive until the attention module returns): `q *
+/// √scale` (saved 0); the causal mask `ones(L, S).tril()` made additive
+/// (`convert_boolean_attn_mask`: `logical_not`, `where`); k and v `repeat_interleave`d to every
+/// head (v saved 3); `kᵀ * √scale` (saved 1); the scores, the mask added in place;
+/// `_safe_softmax` (`softmax`, `eq(-inf)`, `all`, `where`: its result saved 2); `matmul(·, v)`;
+/// transformers' `.transpose(1, 2).contiguous()` (the op's output).
+fn math_sdpa_script(
+    t: u128,
+    (q, kv, vkv, vq): (u128, u128, u128, u128),
+    (scores, rows): (u128, u128),
+    mask: u128,
+    cached: bool,
+) -> Vec<Fwd> {
+    let mut s = Script::default();
+    let rq = rope_fwd(&mut s, t * 4 * q, None);
+    let rk = rope_fwd(&mut s, t * 4 * kv, None);
+    let copies: Vec<usize> = if cached {
+        vec![s.temp(t * 4 * kv), s.temp(t * 4 * vkv)]
+    } else {
+        Vec::new()
+    };
+    s.drop_input(0);
+    s.drop_input(1);
+    s.save(0);
+    let ones = s.temp(mask);
+    let tril = s.temp(mask);
+    s.free(ones);
+    let not = s.temp(mask);
+    let additive = s.temp(4 * mask);
+    s.free(not);
+    s.free(tril);
+    let k_rep = s.temp(t * 4 * q);
+    s.save(3);
+    s.save(1);
+    s.free(k_rep);
+    let attn = s.temp(4 * scores);
+    let out = s.temp(4 * scores);
+    let masked = s.temp(scores);
+    let rows = s.temp(rows);
+    s.save(2);
+    s.free(rows);
+    s.free(masked);
+    s.free(out);
+    s.free(attn);
+    let pv = s.temp(t * 4 * vq);
+    s.free(additive);
+    s.out();
+    s.free(pv);
+    for k in [rq, rk].into_iter().flatten().chain(copies) {
+        s.free(k);
+    }
+    s.steps
+}
+
+/// Its backward: the output gradient reshaped (a copy of the transposed view), `matmul(·, v)`
+/// (the probabilities' and the repeated v's gradients; v's summed over the group),
+/// `_softmax_backward_data`, `matmul(q, kᵀ)` (both gradients), `* √scale` for k (then summed over
+/// the group) and for q, then RoPE's, k's first.
+fn math_sdpa_bwd_script(t: u128, (q, kv, vkv, vq): (u128, u128, u128, u128), scores: u128) -> Vec<Bwd> {
+    let mut s = BwdScript::default();
+    let copy = s.temp(t * 4 * q);
+    s.done_upstream();
+    let gw = s.temp(4 * scores);
+    let gv = s.temp(t * 4 * vq);
+    s.free(copy);
+    s.release(3);
+    let gvk = s.temp(t * 4 * vkv);
+    s.free(gv);
+    s.give(gvk, 2);
+    let gs = s.temp(4 * scores);
+    s.free(gw);
+    s.release(2);
+    let gqs = s.temp(t * 4 * q);
+    let gks = s.temp(t * 4 * q);
+    s.free(gs);
+    s.release(0);
+    s.release(1);
+    let gk_rep = s.temp(t * 4 * q);
+    s.free(gks);
+    let gk = s.temp(t * 4 * kv);
+    s.free(gk_rep);
+    let gq = s.temp(t * 4 * q);
+    s.free(gqs);
+    rope_bwd(&mut s, gk, t * 4 * kv, 1);
+    rope_bwd(&mut s, gq, t * 4 * q, 0);
+    s.steps
 }
 
 /// transformers' `eager_attention_forward` (5.17 `models/llama/modeling_llama.py`) after RoPE:

@@ -157,7 +157,10 @@ pub fn estimate_with(job: &Job, profile: &RuntimeProfile) -> Result<Estimate, Er
         };
         (mine, all.max(1))
     };
-    let nf4_build = job.weights == crate::dtype::Precision::Nf4 && !sharded;
+    // One GPU without sharding or a one-way shard: the same load.
+    let nf4_build = job.weights == crate::dtype::Precision::Nf4
+        && sh.weights == res.weights
+        && sh.quant_constants == res.quant_constants;
     if nf4_build {
         nf4_load(job, &res, &mut t);
     } else {
@@ -204,40 +207,57 @@ pub fn estimate_with(job: &Job, profile: &RuntimeProfile) -> Result<Estimate, Er
     Ok(finish(job, &res, &sh, &t, profile, explain_extra))
 }
 
-/// Loading a 4-bit model as transformers and bitsandbytes do: the model built in 16 bits, every
-/// parameter in module order (a tied lm_head built, then dropped by `tie_weights`), then each
-/// quantized `nn.Linear` replaced in turn (`Params4bit._quantize` → `functional.quantize_4bit`,
-/// bitsandbytes 0.50.2): the fp32 absmax (one per 64-block) and the packed weight, the 16-entry
-/// code (`get_4bit_type`, with two small temporaries); with double quantization the absmax
-/// offset, `absmax - offset` (temporary), `quantize_blockwise` (the nested state's absmax, the
-/// uint8 absmax, a copy of the dynamic map), the fp32 absmax freed; then the 16-bit weight freed.
-/// The small NF4 tensors are carved from blocks earlier 16-bit weights left, which keeps those
-/// segments reserved through `empty_cache`. Then the adapters.
+/// Loading a 4-bit model as transformers' `from_pretrained` with a `BitsAndBytesConfig` does
+/// (transformers 5.17 `quantizers/quantizer_bnb_4bit.py`, bitsandbytes 0.50.2 `Params4bit`):
+/// parameters in module order; each quantized `nn.Linear` weight arrives on the device in 16
+/// bits and is quantized there (`functional.quantize_4bit`): the fp32 absmax (one per
+/// 64-block) and the packed weight, the 16-entry code (`get_4bit_type`, with two small
+/// temporaries); with double quantization the absmax offset, `absmax - offset` (temporary),
+/// `quantize_blockwise` (the nested state's absmax, the uint8 absmax, a copy of the dynamic
+/// map), the fp32 absmax freed; then the 16-bit weight is freed. The small NF4 tensors land in
+/// blocks freed 16-bit weights left, which keeps those segments reserved through
+/// `empty_cache`. A tied lm_head is built, then dropped. Then the adapters.
 fn nf4_load(job: &Job, res: &Resident, t: &mut Timeline) {
-    let dense = resident::dense_param_bytes(job);
+    // `prepare_model_for_kbit_training` casts the 16-bit parameters to fp32 after loading.
+    let dense = if job.kbit_prep {
+        job.compute.float_bytes()
+    } else {
+        resident::dense_param_bytes(job)
+    };
     let order = job.model.recipe.build_order();
-    let mut built: Vec<(u128, Vec<Buf>)> = Vec::new();
+    let mut dense_bufs: Vec<Buf> = Vec::new();
+    // `--quantize-after-load`: the whole model in 16 bits first (a tied lm_head built, then
+    // dropped), quantized afterwards in module order.
+    let mut built: Vec<Buf> = Vec::new();
+    if job.quantize_after_load {
+        for p in &order {
+            let n = p.rows * p.cols;
+            if resident::quantized(job, p) {
+                for _ in 0..p.copies {
+                    built.push(t.tensor(Category::Temporaries, n * dense));
+                }
+            } else {
+                dense_bufs.push(t.tensor(Category::Weights, p.numel() * dense));
+            }
+        }
+        tie(job, t, dense);
+    }
+    let mut built = built.into_iter();
     for p in &order {
         let n = p.rows * p.cols;
-        if resident::quantized(job, p) {
-            let copies = (0..p.copies)
-                .map(|_| t.tensor(Category::Weights, n * dense))
-                .collect();
-            built.push((n, copies));
-        } else {
-            let _ = t.tensor(Category::Weights, p.numel() * dense);
+        if !resident::quantized(job, p) {
+            if !job.quantize_after_load {
+                dense_bufs.push(t.tensor(Category::Weights, p.numel() * dense));
+            }
+            continue;
         }
-    }
-    if job.model.tie_embeddings {
-        t.transient(
-            Category::Weights,
-            job.model.param_counts().embedding * dense,
-        );
-    }
-    for (n, copies) in built {
         let (data, consts) = job.weights.storage_bytes(1, n, job.double_quant);
-        for w in copies {
-            let blocks = n.div_ceil(crate::dtype::NF4_BLOCK);
+        let blocks = n.div_ceil(crate::dtype::NF4_BLOCK);
+        for _ in 0..p.copies {
+            let w = match built.next() {
+                Some(w) => w,
+                None => t.tensor(Category::Temporaries, n * dense),
+            };
             let absmax = t.tensor(Category::QuantConstants, 4 * blocks);
             let _packed = t.tensor(Category::Weights, data);
             let _code = t.tensor(Category::QuantConstants, 64);
@@ -259,10 +279,33 @@ fn nf4_load(job: &Job, res: &Resident, t: &mut Timeline) {
             t.release(w);
         }
     }
+    if !job.quantize_after_load {
+        tie(job, t, dense);
+    }
+    if job.kbit_prep {
+        // peft 0.21 `prepare_model_for_kbit_training`: each 16-bit parameter, in
+        // `parameters()` order, replaced by its fp32 copy (`param.data = param.data.to(fp32)`),
+        // then `torch.cuda.empty_cache()`.
+        for b in dense_bufs {
+            let _ = t.tensor(Category::Weights, b.bytes / dense * 4);
+            t.release(b);
+        }
+        t.empty_cache();
+    }
     for &(cat, bytes) in &res.load_tensors {
         if cat == Category::Adapters {
             let _ = t.tensor(cat, bytes);
         }
+    }
+}
+
+/// `tie_weights`: a tied lm_head is built, then dropped.
+fn tie(job: &Job, t: &mut Timeline, dense: u128) {
+    if job.model.tie_embeddings {
+        t.transient(
+            Category::Weights,
+            job.model.param_counts().embedding * dense,
+        );
     }
 }
 
