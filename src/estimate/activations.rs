@@ -128,6 +128,13 @@ pub struct OpCost {
     /// The op's backward, buffer by buffer in the order autograd creates them (`backward.rs`).
     /// Empty: its input gradients, then `bwd_transient` (or `bwd_stages`) once.
     pub bwd_script: Vec<Bwd>,
+    /// The saved tensor that is autocast's cached 16-bit copy of a weight (`cached_cast` keeps
+    /// it until the autocast region ends, even when autograd saves nothing).
+    pub autocast_cast: Option<usize>,
+    /// A saved tensor the op also returns to its module, which keeps it until the layer's
+    /// forward returns even when autograd saves nothing (eager attention's probabilities:
+    /// `hidden_states, _ = self.self_attn(...)` holds them in `_`).
+    pub held_by_layer: Option<usize>,
 }
 
 /// One step of an op's forward script ([`OpCost::fwd_script`]).
@@ -587,6 +594,7 @@ fn linear(cx: &Ctx, p: &Proj, x: T, x_bytes: u128, in_rg: bool) -> (OpCost, bool
         }
         if dt.autocast {
             // Autocast's cached 16-bit weight copy lives until this layer's backward.
+            c.autocast_cast = Some(c.saved.len());
             c.saved.push(Saved::Own(p.in_f * p.out_f * dt.compute));
         }
         c.grads
@@ -961,6 +969,7 @@ fn attention(cx: &Ctx, a: &AttnSpec, inputs: &[T], out: T, c: &mut OpCost) {
                 });
                 let widths = (q, kv, a.kv_heads * a.v_head_dim, vq);
                 c.fwd_script = eager_script(t, s_b, widths, scores, cached, repeated);
+                c.held_by_layer = Some(3);
                 c.bwd_script = eager_bwd_script(t, s_b, widths, scores, repeated);
                 c.bwd_transient = t * (10 * a.heads * seq + 3 * s_b * q);
                 return;

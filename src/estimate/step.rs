@@ -166,6 +166,9 @@ pub(super) fn train_step(
     // The residual stream between layers: each layer's output is the next one's input (the
     // embedding output, before the first layer, is not tracked).
     let mut stream: Option<Buf> = None;
+    // Autocast's cached weight casts of the layers whose forward saves nothing (checkpointing):
+    // alive until the autocast region ends with the loss (`torch.clear_autocast_cache`).
+    let mut autocast_cache: Vec<Buf> = Vec::new();
     for l in 0..r.layer_kind.len() {
         let inv = layer_inv(l);
         if let Some(f) = &fsdp {
@@ -187,7 +190,7 @@ pub(super) fn train_step(
                 kept_inputs.push(Some(b));
                 Some(b)
             };
-            let (_, out) = forward_layer(t, inv, input, offload, false, true, true);
+            let (_, out) = forward_layer(t, inv, input, offload, false, true, true, &mut autocast_cache);
             stream = out;
             layer_saved.push(Vec::new());
         } else {
@@ -196,7 +199,8 @@ pub(super) fn train_step(
             let input = stream
                 .take()
                 .unwrap_or_else(|| t.tensor(Category::Activations, inv.input));
-            let (saved, out) = forward_layer(t, inv, Some(input), true, true, true, true);
+            let (saved, out) =
+                forward_layer(t, inv, Some(input), true, true, true, true, &mut autocast_cache);
             stream = out;
             if offload {
                 saved
@@ -222,6 +226,7 @@ pub(super) fn train_step(
         true,
         false,
         job.grad_checkpointing,
+        &mut autocast_cache,
     );
     if fused_loss {
         loss_events(t, &lw.forward);
@@ -256,6 +261,9 @@ pub(super) fn train_step(
         }
     }
 
+    for b in autocast_cache {
+        t.release(b);
+    }
     if let Some(f) = &fsdp {
         f.forward_end(t); // FSDP-HOOK(g): the root's post-forward, after the loss
     }
@@ -313,7 +321,7 @@ pub(super) fn train_step(
             (offload && job.grad_checkpointing).then(|| t.tensor(Category::Activations, inv.input));
         let saved = if job.grad_checkpointing || offload {
             // The recompute (or the saved tensors brought back), from the kept input.
-            forward_layer(t, inv, None, false, true, false, true).0
+            forward_layer(t, inv, None, false, true, false, true, &mut Vec::new()).0
         } else {
             std::mem::take(&mut layer_saved[l])
         };
@@ -466,6 +474,7 @@ pub(super) fn forward_layer(
     save: bool,
     keep_output: bool,
     track: bool,
+    autocast_cache: &mut Vec<Buf>,
 ) -> (Vec<Vec<Option<Buf>>>, Option<Buf>) {
     let n = inv.tensor_bytes.len();
     let n_ops = inv.ops.len();
@@ -491,6 +500,8 @@ pub(super) fn forward_layer(
     let mut seen = vec![false; n];
     let mut layer_out = None;
     let mut per_op = Vec::with_capacity(n_ops);
+    // Tensors the layer's module code keeps until its forward returns (`held_by_layer`).
+    let mut held: Vec<Buf> = Vec::new();
     for (i, op) in inv.ops.iter().enumerate() {
         let o = inv.outputs.get(i).copied();
         let is_last = i + 1 == n_ops;
@@ -586,8 +597,15 @@ pub(super) fn forward_layer(
         for b in temps.into_iter().flatten() {
             t.release(b);
         }
-        // Not saving: what the op "saved" was only its own intermediate.
+        // Not saving: what the op "saved" was only its own intermediate (autocast's weight
+        // cast stays in its cache).
         if !save {
+            if let Some(b) = op.autocast_cast.and_then(|j| out.get_mut(j)).and_then(Option::take) {
+                autocast_cache.push(b);
+            }
+            if let Some(b) = op.held_by_layer.and_then(|j| out.get_mut(j)).and_then(Option::take) {
+                held.push(b);
+            }
             for b in out.drain(..).flatten() {
                 t.release(b);
             }
@@ -614,6 +632,9 @@ pub(super) fn forward_layer(
         if is_last {
             layer_out = o.and_then(|o| bufs[o].take());
         }
+    }
+    for b in held {
+        t.release(b);
     }
     // Tensors nobody consumed inside the layer (none in a well-formed recipe) go now, except
     // the caller's input.
