@@ -331,6 +331,12 @@ impl Fit {
             return None;
         }
         Some(match &self.would_fit {
+            // Fits only by the allocator freeing its cache and retrying: say so.
+            Some(s) if s.device_bytes.0 > self.gpu_bytes.0 => format!(
+                "would fit: {} (once the allocator frees its cache: {} uncapped; `memplan fit` lists every plan)",
+                s.flags,
+                s.device_bytes
+            ),
             Some(s) => format!(
                 "would fit: {} ({} on the device; `memplan fit` lists every plan)",
                 s.flags,

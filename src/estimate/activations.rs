@@ -1089,7 +1089,11 @@ fn math_sdpa_script(
 /// (the probabilities' and the repeated v's gradients; v's summed over the group),
 /// `_softmax_backward_data`, `matmul(q, kᵀ)` (both gradients), `* √scale` for k (then summed over
 /// the group) and for q, then RoPE's, k's first.
-fn math_sdpa_bwd_script(t: u128, (q, kv, vkv, vq): (u128, u128, u128, u128), scores: u128) -> Vec<Bwd> {
+fn math_sdpa_bwd_script(
+    t: u128,
+    (q, kv, vkv, vq): (u128, u128, u128, u128),
+    scores: u128,
+) -> Vec<Bwd> {
     let mut s = BwdScript::default();
     let copy = s.temp(t * 4 * q);
     s.done_upstream();

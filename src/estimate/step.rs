@@ -190,7 +190,16 @@ pub(super) fn train_step(
                 kept_inputs.push(Some(b));
                 Some(b)
             };
-            let (_, out) = forward_layer(t, inv, input, offload, false, true, true, &mut autocast_cache);
+            let (_, out) = forward_layer(
+                t,
+                inv,
+                input,
+                offload,
+                false,
+                true,
+                true,
+                &mut autocast_cache,
+            );
             stream = out;
             layer_saved.push(Vec::new());
         } else {
@@ -199,8 +208,16 @@ pub(super) fn train_step(
             let input = stream
                 .take()
                 .unwrap_or_else(|| t.tensor(Category::Activations, inv.input));
-            let (saved, out) =
-                forward_layer(t, inv, Some(input), true, true, true, true, &mut autocast_cache);
+            let (saved, out) = forward_layer(
+                t,
+                inv,
+                Some(input),
+                true,
+                true,
+                true,
+                true,
+                &mut autocast_cache,
+            );
             stream = out;
             if offload {
                 saved
@@ -600,10 +617,18 @@ pub(super) fn forward_layer(
         // Not saving: what the op "saved" was only its own intermediate (autocast's weight
         // cast stays in its cache).
         if !save {
-            if let Some(b) = op.autocast_cast.and_then(|j| out.get_mut(j)).and_then(Option::take) {
+            if let Some(b) = op
+                .autocast_cast
+                .and_then(|j| out.get_mut(j))
+                .and_then(Option::take)
+            {
                 autocast_cache.push(b);
             }
-            if let Some(b) = op.held_by_layer.and_then(|j| out.get_mut(j)).and_then(Option::take) {
+            if let Some(b) = op
+                .held_by_layer
+                .and_then(|j| out.get_mut(j))
+                .and_then(Option::take)
+            {
                 held.push(b);
             }
             for b in out.drain(..).flatten() {
