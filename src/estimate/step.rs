@@ -163,8 +163,8 @@ pub(super) fn train_step(
         .collect();
     let mut layer_saved: Vec<Vec<Vec<Option<Buf>>>> = Vec::with_capacity(m.layers as usize);
     let mut kept_inputs: Vec<Option<Buf>> = Vec::with_capacity(m.layers as usize);
-    // The residual stream between layers: each layer's output is the next one's input (the
-    // embedding output, before the first layer, is not tracked).
+    // The residual stream between layers: the embedding output, then each layer's output is the
+    // next one's input.
     let mut stream: Option<Buf> = None;
     // Autocast's cached weight casts of the layers whose forward saves nothing (checkpointing):
     // alive until the autocast region ends with the loss (`torch.clear_autocast_cache`).
@@ -190,16 +190,7 @@ pub(super) fn train_step(
                 kept_inputs.push(Some(b));
                 Some(b)
             };
-            let (_, out) = forward_layer(
-                t,
-                inv,
-                input,
-                offload,
-                false,
-                true,
-                true,
-                &mut autocast_cache,
-            );
+            let (_, out) = forward_layer(t, inv, input, offload, false, true, &mut autocast_cache);
             stream = out;
             layer_saved.push(Vec::new());
         } else {
@@ -208,16 +199,8 @@ pub(super) fn train_step(
             let input = stream
                 .take()
                 .unwrap_or_else(|| t.tensor(Category::Activations, inv.input));
-            let (saved, out) = forward_layer(
-                t,
-                inv,
-                Some(input),
-                true,
-                true,
-                true,
-                true,
-                &mut autocast_cache,
-            );
+            let (saved, out) =
+                forward_layer(t, inv, Some(input), true, true, true, &mut autocast_cache);
             stream = out;
             if offload {
                 saved
@@ -242,7 +225,6 @@ pub(super) fn train_step(
         true,
         true,
         false,
-        job.grad_checkpointing,
         &mut autocast_cache,
     );
     if fused_loss {
@@ -338,7 +320,7 @@ pub(super) fn train_step(
             (offload && job.grad_checkpointing).then(|| t.tensor(Category::Activations, inv.input));
         let saved = if job.grad_checkpointing || offload {
             // The recompute (or the saved tensors brought back), from the kept input.
-            forward_layer(t, inv, None, false, true, false, true, &mut Vec::new()).0
+            forward_layer(t, inv, None, false, true, false, &mut Vec::new()).0
         } else {
             std::mem::take(&mut layer_saved[l])
         };
@@ -490,7 +472,6 @@ pub(super) fn forward_layer(
     free_input: bool,
     save: bool,
     keep_output: bool,
-    track: bool,
     autocast_cache: &mut Vec<Buf>,
 ) -> (Vec<Vec<Option<Buf>>>, Option<Buf>) {
     let n = inv.tensor_bytes.len();
@@ -584,11 +565,6 @@ pub(super) fn forward_layer(
                         }
                     }
                     Fwd::Save(j) => out[j] = save_one(t, &mut bufs, &mut seen, op.saved[j]),
-                    Fwd::Out if !track => {
-                        if let Some(o) = o {
-                            temps.push(Some(t.tensor(Category::Temporaries, inv.tensor_bytes[o])));
-                        }
-                    }
                     Fwd::Out => alloc_out(t, &mut bufs, &seen),
                     Fwd::DropInput(n) => {
                         let x = inv.inputs[i].get(n).copied();
@@ -608,9 +584,7 @@ pub(super) fn forward_layer(
                 out[j] = save_one(t, &mut bufs, &mut seen, s);
             }
         }
-        if track {
-            alloc_out(t, &mut bufs, &seen);
-        }
+        alloc_out(t, &mut bufs, &seen);
         for b in temps.into_iter().flatten() {
             t.release(b);
         }
