@@ -367,6 +367,41 @@ impl Recipe {
         out
     }
 
+    /// A layer's parameters in `nn.Module` registration order: the attention and MLP modules'
+    /// parameters first (q/k norms and MLA's norms inside attention, in op order), then the
+    /// decoder layer's own norms (transformers' decoder layers register `self_attn`, `mlp`, then
+    /// `input_layernorm`, `post_attention_layernorm`, …). A norm is the layer's own unless it
+    /// normalizes a projection's output for another op than the residual add.
+    pub fn registration_order(&self, kind: usize) -> Vec<Param> {
+        let layer = &self.kinds[kind];
+        let produced_by_linear = |t: T| {
+            layer.ops.iter().any(|o| {
+                o.output == t && matches!(o.kind, OpKind::Linear(_) | OpKind::Router(_))
+            })
+        };
+        let feeds_residual = |t: T| {
+            layer
+                .ops
+                .iter()
+                .filter(|o| o.inputs.contains(&t))
+                .all(|o| matches!(o.kind, OpKind::Add | OpKind::Scale))
+        };
+        let (mut modules, mut norms) = (Vec::new(), Vec::new());
+        for op in &layer.ops {
+            let mut ps = Vec::new();
+            op_params(&op.kind, &mut ps);
+            let own_norm = matches!(op.kind, OpKind::Norm(_))
+                && !(produced_by_linear(op.inputs[0]) && !feeds_residual(op.output));
+            if own_norm {
+                norms.extend(ps);
+            } else {
+                modules.extend(ps);
+            }
+        }
+        modules.extend(norms);
+        modules
+    }
+
     /// All parameters with their multiplicity (number of layers holding them).
     pub fn params(&self) -> Vec<(Param, u128)> {
         let mut out = vec![(
@@ -411,7 +446,7 @@ impl Recipe {
         let all = self.params();
         let layer_kinds: Vec<Vec<Param>> = (0..self.kinds.len())
             .map(|k| {
-                let mut ps = self.layer_params(k);
+                let mut ps = self.registration_order(k);
                 ps.retain(|p| p.numel() > 0);
                 ps
             })

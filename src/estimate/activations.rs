@@ -760,11 +760,12 @@ fn linear_script(cx: &Ctx, p: &Proj, sh: &LinearShape, saved: &[Saved]) -> Vec<F
 
 /// The backward of a Linear, node by node in the order autograd runs them (the reverse of the
 /// forward). LoRA first: `.to(result dtype)` (the gradient cast to fp32), `result + ...` (the
-/// base's share cast to its dtype), `* scaling`, lora_B's mm (input gradient, then weight
-/// gradient), lora_A's, dropout's mask, the cast of x to fp32 (back to the input dtype). Then
-/// the base: `MmBackward0` (the input gradient; bitsandbytes dequantizes the 4-bit weight again
-/// for it) and the weight gradient (under autocast in 16 bits, then cast to the fp32 weight's
-/// dtype by the weight cast's node); autocast's input cast back to the input dtype.
+/// base's share cast to its dtype), `* scaling`, lora_B's mm (weight gradient, then input
+/// gradient: the order the reference tracer records `MmBackward0`'s two mm calls in), lora_A's,
+/// dropout's mask, the cast of x to fp32 (back to the input dtype). Then the base: the weight
+/// gradient (under autocast in 16 bits, then cast to the fp32 weight's dtype by the weight
+/// cast's node) and the input gradient (bitsandbytes dequantizes the 4-bit weight again for
+/// it); autocast's input cast back to the input dtype.
 fn linear_bwd_script(cx: &Ctx, p: &Proj, sh: &LinearShape) -> Vec<Bwd> {
     let t = cx.tokens;
     let dt = cx.dt;
@@ -797,12 +798,13 @@ fn linear_bwd_script(cx: &Ctx, p: &Proj, sh: &LinearShape) -> Vec<Bwd> {
         if let Some(k) = g32 {
             s.free(k);
         }
-        let ga = s.temp(t * a * rank);
+        // Each mm's weight gradient comes before its input gradient (`MmBackward0` as traced).
         s.grad(base_saved.min(1));
+        let ga = s.temp(t * a * rank);
         s.free(gs);
         s.release(a_out);
-        let gd = sh.in_rg.then(|| s.temp(t * a * p.in_f));
         s.grad(base_saved.min(1) + 1);
+        let gd = sh.in_rg.then(|| s.temp(t * a * p.in_f));
         s.free(ga);
         s.release(x_saved);
         if let Some(gd) = gd {
@@ -825,6 +827,10 @@ fn linear_bwd_script(cx: &Ctx, p: &Proj, sh: &LinearShape) -> Vec<Bwd> {
         }
     }
     if base_runs {
+        let gw16 = (sh.trains && dt.autocast).then(|| s.temp(p.in_f * p.out_f * dt.compute));
+        if sh.trains && !dt.autocast {
+            s.grad(0);
+        }
         let gin = sh.in_rg.then(|| {
             if sh.dequant > 0 && cx.job.double_quant {
                 let k = s.temp(4 * (p.in_f * p.out_f).div_ceil(crate::dtype::NF4_BLOCK));
@@ -837,10 +843,6 @@ fn linear_bwd_script(cx: &Ctx, p: &Proj, sh: &LinearShape) -> Vec<Bwd> {
             }
             k
         });
-        let gw16 = (sh.trains && dt.autocast).then(|| s.temp(p.in_f * p.out_f * dt.compute));
-        if sh.trains && !dt.autocast {
-            s.grad(0);
-        }
         if let Some(k) = base_grad {
             s.free(k);
         }

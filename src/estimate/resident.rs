@@ -354,27 +354,38 @@ pub fn resident(job: &Job) -> Resident {
     match job.method {
         Method::Full => {
             // Per-tensor sizes matter only for 8-bit optimizer blocks and Adafactor; list them.
-            for (p, n) in &params {
+            // In `model.parameters()` order: AdamW creates its state and foreach temporaries
+            // tensor by tensor in that order.
+            for p in m.recipe.build_order() {
                 // A vision tower is never in a text-only step's graph: no gradient, no state.
                 if matches!(p.role, ParamRole::VisionLinear(_) | ParamRole::VisionOther) {
                     continue;
                 }
-                let t = Tensor {
+                trainable.push(Tensor {
                     numel: p.numel(),
                     batch: p.copies,
                     rows: p.rows,
                     bytes: dense_bytes,
-                };
-                trainable.extend(std::iter::repeat(t).take(*n as usize));
+                });
             }
         }
         Method::Lora | Method::Qlora => {
             let rank = job.lora.as_ref().map_or(0, |l| l.rank);
-            let mut all = 0;
-            for m in lora_modules(job) {
-                all += (m.a_params + m.b_params) * m.count;
-                if m.trains {
-                    for _ in 0..m.count {
+            let modules = lora_modules(job);
+            let all: u128 = modules
+                .iter()
+                .map(|m| (m.a_params + m.b_params) * m.count)
+                .sum();
+            // Layer by layer, module by module (lora_A, then lora_B): the order get_peft_model
+            // creates them and `model.parameters()` lists them.
+            let layers = modules.iter().map(|m| m.count).max().unwrap_or(0);
+            for l in 0..layers {
+                for m in modules.iter().filter(|m| l < m.count) {
+                    r.load_tensors
+                        .push((Category::Adapters, m.a_params * ADAPTER_BYTES));
+                    r.load_tensors
+                        .push((Category::Adapters, m.b_params * ADAPTER_BYTES));
+                    if m.trains {
                         trainable.push(Tensor::matrix(
                             rank,
                             m.a_params / rank.max(1),
@@ -389,14 +400,6 @@ pub fn resident(job: &Job) -> Resident {
                 }
             }
             r.adapters = all * ADAPTER_BYTES;
-            for m in lora_modules(job) {
-                for _ in 0..m.count {
-                    r.load_tensors
-                        .push((Category::Adapters, m.a_params * ADAPTER_BYTES));
-                    r.load_tensors
-                        .push((Category::Adapters, m.b_params * ADAPTER_BYTES));
-                }
-            }
             r.adapter_params = all;
             r.explain.adapters = format!(
                 "rank {rank} × (in + out) per targeted module × {} layers = {all} params × 4 B (Hu et al. 2021; peft LoraLayer keeps adapters in fp32: autocast_adapter_dtype){}",

@@ -104,6 +104,8 @@ class LiveBytes:
         self.live = 0
         self.peak = 0
         self._sizes: dict[int, int] = {}
+        #: the aten op whose outputs are being counted (CountOutputs sets it), for event logs
+        self.current_op = ""
 
     def _add(self, key, nb):
         self.live += nb
@@ -165,6 +167,7 @@ class CountOutputs(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self.tracker.current_op = str(func)
         flat, _ = tree_flatten(out)
         for t in flat:
             if isinstance(t, torch.Tensor):
@@ -367,7 +370,8 @@ def run_case(case: dict, cfg_dict: dict, events: list | None = None) -> dict:
     tracker = LiveBytes()
     if events is not None:
         # (phase, "alloc"|"free"|"resize", storage key, bytes, live bytes after), in order
-        tracker.on_event = lambda kind, key, nb, live: events.append((cur[0], kind, key, nb, live))
+        tracker.on_event = lambda kind, key, nb, live: events.append(
+            (cur[0], kind, key, nb, live, tracker.current_op if kind == "alloc" else ""))
     SDPA_CHOICES.clear()
     rec = {}
     with cuda_choices():
@@ -598,9 +602,9 @@ def main(argv=None):
     rec["secs"] = round(time.time() - t, 2)
     if args.events:
         with open(args.events, "w") as f:
-            for ph, kind, key, nb, live in events:
+            for ph, kind, key, nb, live, op in events:
                 f.write(json.dumps({"phase": ph, "event": kind, "storage": key, "bytes": nb,
-                                    "live": live + WORKSPACE_BYTES}) + "\n")
+                                    "live": live + WORKSPACE_BYTES, "op": op}) + "\n")
     print(json.dumps(rec, indent=1))
     return 0
 
