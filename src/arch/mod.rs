@@ -374,25 +374,11 @@ impl Recipe {
     /// normalizes a projection's output for another op than the residual add.
     pub fn registration_order(&self, kind: usize) -> Vec<Param> {
         let layer = &self.kinds[kind];
-        let produced_by_linear = |t: T| {
-            layer.ops.iter().any(|o| {
-                o.output == t && matches!(o.kind, OpKind::Linear(_) | OpKind::Router(_))
-            })
-        };
-        let feeds_residual = |t: T| {
-            layer
-                .ops
-                .iter()
-                .filter(|o| o.inputs.contains(&t))
-                .all(|o| matches!(o.kind, OpKind::Add | OpKind::Scale))
-        };
         let (mut modules, mut norms) = (Vec::new(), Vec::new());
-        for op in &layer.ops {
+        for (i, op) in layer.ops.iter().enumerate() {
             let mut ps = Vec::new();
             op_params(&op.kind, &mut ps);
-            let own_norm = matches!(op.kind, OpKind::Norm(_))
-                && !(produced_by_linear(op.inputs[0]) && !feeds_residual(op.output));
-            if own_norm {
+            if is_layer_norm(layer, i) {
                 norms.extend(ps);
             } else {
                 modules.extend(ps);
@@ -517,6 +503,26 @@ fn vector(name: &'static str, n: u128) -> Param {
         copies: 1,
         role: ParamRole::Vector,
     }
+}
+
+/// Whether op `i` of `layer` is one of the decoder layer's own norms (`input_layernorm`,
+/// `post_attention_layernorm`, …), not a norm inside the attention or MLP module (q/k norms,
+/// MLA's): a norm is the layer's own unless it normalizes a projection's output for another op
+/// than the residual add.
+pub fn is_layer_norm(layer: &LayerRecipe, i: usize) -> bool {
+    let op = &layer.ops[i];
+    if !matches!(op.kind, OpKind::Norm(_)) {
+        return false;
+    }
+    let produced_by_linear = layer.ops.iter().any(|o| {
+        o.output == op.inputs[0] && matches!(o.kind, OpKind::Linear(_) | OpKind::Router(_))
+    });
+    let feeds_residual = layer
+        .ops
+        .iter()
+        .filter(|o| o.inputs.contains(&op.output))
+        .all(|o| matches!(o.kind, OpKind::Add | OpKind::Scale));
+    !(produced_by_linear && !feeds_residual)
 }
 
 fn op_params(op: &OpKind, out: &mut Vec<Param>) {

@@ -215,6 +215,9 @@ pub struct LayerInventory {
     pub outputs: Vec<T>,
     /// Whether each tensor requires a gradient (autograd runs an op's backward only then).
     pub requires_grad: Vec<bool>,
+    /// Whether each op is one of the decoder layer's own norms (registered after its attention
+    /// and MLP modules: `Recipe::registration_order`).
+    pub layer_norm: Vec<bool>,
 }
 
 impl LayerInventory {
@@ -303,6 +306,9 @@ pub fn inventory(job: &Job, layer: &LayerRecipe, tokens: u128, input_grad: bool)
         inputs: layer.ops.iter().map(|o| o.inputs.clone()).collect(),
         outputs: layer.ops.iter().map(|o| o.output).collect(),
         requires_grad: rg,
+        layer_norm: (0..layer.ops.len())
+            .map(|i| crate::arch::is_layer_norm(layer, i))
+            .collect(),
         tensor_bytes,
         ops,
     }
@@ -938,8 +944,18 @@ fn attention(cx: &Ctx, a: &AttnSpec, inputs: &[T], out: T, c: &mut OpCost) {
             if plain {
                 let vkv = a.kv_heads * a.v_head_dim;
                 c.fwd_script = flash_script(t * s_b * q, t * s_b * kv, cached);
-                c.bwd_script =
-                    flash_bwd_script(t, s_b, (q, kv, vkv, vq), a.heads, a.kv_heads != a.heads);
+                let fa2 = cx.job.attention == Attention::Flash;
+                c.bwd_script = flash_bwd_script(
+                    t,
+                    s_b,
+                    (q, kv, vkv, vq),
+                    a.heads,
+                    (
+                        a.kv_heads != a.heads,
+                        fa2,
+                        inputs[0] != inputs[1] && inputs[1] != inputs[2],
+                    ),
+                );
             }
         }
         Attention::Sdpa | Attention::Flash => {
@@ -972,7 +988,8 @@ fn attention(cx: &Ctx, a: &AttnSpec, inputs: &[T], out: T, c: &mut OpCost) {
                 let widths = (q, kv, a.kv_heads * a.v_head_dim, vq);
                 c.fwd_script = eager_script(t, s_b, widths, scores, cached, repeated);
                 c.held_by_layer = Some(3);
-                c.bwd_script = eager_bwd_script(t, s_b, widths, scores, repeated);
+                let separate = inputs[0] != inputs[1] && inputs[1] != inputs[2];
+                c.bwd_script = eager_bwd_script(t, s_b, widths, scores, (repeated, separate));
                 c.bwd_transient = t * (10 * a.heads * seq + 3 * s_b * q);
                 return;
             }
@@ -1016,9 +1033,9 @@ fn rope_fwd(s: &mut Script, n: u128, j: Option<usize>) -> Option<usize> {
 }
 
 /// RoPE's backward from `grad` (freed): `grad * sin` for `rotate_half(x) * sin`, the cat's
-/// views, `-x2`, the two slices' zero-filled full-size gradients summed in place, `grad * cos`
-/// summed in too; the result is the gradient of input `input`.
-fn rope_bwd(s: &mut BwdScript, grad: usize, n: u128, input: usize) {
+/// views, `-x2`, the two slices' zero-filled full-size gradients (`slice_backward`) summed in
+/// place, `grad * cos` summed in too; returns the temporary holding the result.
+fn rope_bwd(s: &mut BwdScript, grad: usize, n: u128) -> usize {
     let by_sin = s.temp(n);
     let neg = s.temp(n / 2);
     let second = s.temp(n);
@@ -1029,7 +1046,43 @@ fn rope_bwd(s: &mut BwdScript, grad: usize, n: u128, input: usize) {
     let by_cos = s.temp(n);
     s.free(grad);
     s.free(by_cos);
-    s.give(second, input);
+    second
+}
+
+/// q's, k's and v's gradients back to their projections: each copied to its projection's layout
+/// (they reached the attention as transposed views; `ViewBackward0`'s reshape, as traced) just
+/// before that projection's backward — v's first, v_proj runs first. A fused qkv takes them as
+/// they are (its views' gradients gathered).
+fn views_back(
+    s: &mut BwdScript,
+    (gq, gk, gv): (usize, usize, usize),
+    (nq, nk, nv): (u128, u128, u128),
+    (separate, copy_v): (bool, bool),
+) {
+    if !separate {
+        s.give(gv, 2);
+        s.give(gk, 1);
+        s.give(gq, 0);
+        return;
+    }
+    if copy_v {
+        let cv = s.temp(nv);
+        s.free(gv);
+        s.give(cv, 2);
+    } else {
+        s.give(gv, 2);
+    }
+    reshape_back(s, gk, nk, 1, 2);
+    reshape_back(s, gq, nq, 0, 1);
+}
+
+/// A transposed view's gradient copied to its producer's layout once the op producing input
+/// `after` has run its backward, then handed to `input`.
+fn reshape_back(s: &mut BwdScript, grad: usize, n: u128, input: usize, after: usize) {
+    s.defer(after);
+    let copy = s.temp(n);
+    s.free(grad);
+    s.give(copy, input);
 }
 
 /// PyTorch 2.11's math SDPA (`attention.cpp` `_scaled_dot_product_attention_math`) on fp32 q, k,
@@ -1105,7 +1158,6 @@ fn math_sdpa_bwd_script(
     s.release(3);
     let gvk = s.temp(t * 4 * vkv);
     s.free(gv);
-    s.give(gvk, 2);
     let gs = s.temp(4 * scores);
     s.free(gw);
     s.release(2);
@@ -1120,8 +1172,14 @@ fn math_sdpa_bwd_script(
     s.free(gk_rep);
     let gq = s.temp(t * 4 * q);
     s.free(gqs);
-    rope_bwd(&mut s, gk, t * 4 * kv, 1);
-    rope_bwd(&mut s, gq, t * 4 * q, 0);
+    let gk = rope_bwd(&mut s, gk, t * 4 * kv);
+    let gq = rope_bwd(&mut s, gq, t * 4 * q);
+    views_back(
+        &mut s,
+        (gq, gk, gvk),
+        (t * 4 * q, t * 4 * kv, t * 4 * vkv),
+        (true, true),
+    );
     s.steps
 }
 
@@ -1181,7 +1239,7 @@ fn eager_bwd_script(
     s_b: u128,
     (q, kv, vkv, vq): (u128, u128, u128, u128),
     scores: u128,
-    repeated: bool,
+    (repeated, separate): (bool, bool),
 ) -> Vec<Bwd> {
     let mut s = BwdScript::default();
     let copy = s.temp(t * s_b * q);
@@ -1191,13 +1249,13 @@ fn eager_bwd_script(
     s.free(copy);
     s.release(3);
     s.release(4);
-    if repeated {
+    let gv = if repeated {
         let k = s.temp(t * s_b * vkv);
         s.free(gv);
-        s.give(k, 2);
+        k
     } else {
-        s.give(gv, 2);
-    }
+        gv
+    };
     let g32 = s.temp(4 * scores);
     s.free(gw);
     let gs = s.temp(4 * scores);
@@ -1219,8 +1277,14 @@ fn eager_bwd_script(
     } else {
         gk_rep
     };
-    rope_bwd(&mut s, gk, t * s_b * kv, 1);
-    rope_bwd(&mut s, gq, t * s_b * q, 0);
+    let gk = rope_bwd(&mut s, gk, t * s_b * kv);
+    let gq = rope_bwd(&mut s, gq, t * s_b * q);
+    views_back(
+        &mut s,
+        (gq, gk, gv),
+        (t * s_b * q, t * s_b * kv, t * s_b * vkv),
+        (separate, true),
+    );
     s.steps
 }
 
@@ -1244,39 +1308,50 @@ fn flash_script(nq: u128, nk: u128, cached: bool) -> Vec<Fwd> {
     s.steps
 }
 
-/// Flash attention's backward (`_flash_attention_backward`, `mha_bwd`): dq, dk, dv; the fp32
-/// softmax_d (per head and token) and dq accumulator; with GQA dk and dv expanded to every head
-/// and summed back. Then RoPE's backward, k's then q's (the ready queue runs the later-created
-/// first): `rotate_half(x) * sin` (`grad * sin`), the cat's views, `-x2`, the two slices'
-/// zero-filled full-size gradients summed in place, `x * cos` (`grad * cos`) summed in too.
+/// The fused attention's backward. SDPA on Hopper and Blackwell runs cuDNN attention
+/// (PyTorch 2.11 `sdp_utils.cpp` `check_prefer_cudnn_attention`; the H200 measurements ran it):
+/// dq, dk, dv (GQA handled by the kernel; its workspace is not seen in the reference traces and
+/// does not show in the measured reserved memory). `flash_attention_2` (`mha_bwd`) adds the
+/// fp32 softmax_d (per head and token) and dq accumulator, and with GQA dk and dv expanded to
+/// every head, then summed. Then RoPE's backward, k's then q's (the ready queue runs the
+/// later-created first), v's gradient handed to v_proj (its layout is v's), and q's and k's —
+/// RoPE's gradients come out contiguous in the transposed layout — copied back to their
+/// projections' layout just before each projection's backward.
 fn flash_bwd_script(
     t: u128,
     s_b: u128,
     (q, kv, vkv, vq): (u128, u128, u128, u128),
     heads: u128,
-    gqa: bool,
+    (gqa, fa2, separate): (bool, bool, bool),
 ) -> Vec<Bwd> {
     let mut s = BwdScript::default();
     let dq = s.temp(t * s_b * q);
     let dk = s.temp(t * s_b * kv);
     let dv = s.temp(t * s_b * vkv);
-    let softmax_d = s.temp(t * 4 * heads);
-    let accum = s.temp(t * 4 * q);
-    if gqa {
-        let ek = s.temp(t * s_b * q);
-        let ev = s.temp(t * s_b * vq);
-        s.free(ek);
-        s.free(ev);
+    if fa2 {
+        let softmax_d = s.temp(t * 4 * heads);
+        let accum = s.temp(t * 4 * q);
+        if gqa {
+            let ek = s.temp(t * s_b * q);
+            let ev = s.temp(t * s_b * vq);
+            s.free(ek);
+            s.free(ev);
+        }
+        s.free(accum);
+        s.free(softmax_d);
     }
-    s.free(accum);
-    s.free(softmax_d);
     s.done_upstream();
     for j in 0..5 {
         s.release(j);
     }
-    rope_bwd(&mut s, dk, t * s_b * kv, 1);
-    rope_bwd(&mut s, dq, t * s_b * q, 0);
-    s.give(dv, 2);
+    let gk = rope_bwd(&mut s, dk, t * s_b * kv);
+    let gq = rope_bwd(&mut s, dq, t * s_b * q);
+    views_back(
+        &mut s,
+        (gq, gk, dv),
+        (t * s_b * q, t * s_b * kv, t * s_b * vkv),
+        (separate && !fa2, false),
+    );
     s.steps
 }
 

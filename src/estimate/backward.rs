@@ -148,12 +148,12 @@ struct Run {
 
 /// The backward of one layer from `upstream` (the gradient of its output; consumed), with the
 /// tensors its forward saved (per op, aligned with each op's `saved`). Parameter gradients go
-/// to `grad` as they are created. Returns the gradient of the layer input, when it needs one.
+/// to `grad` as they are created, with the op and the gradient's index in it. Returns the gradient of the layer input, when it needs one.
 pub(super) fn backward_layer(
     t: &mut Timeline,
     inv: &LayerInventory,
     saved: Vec<Vec<Option<Buf>>>,
-    grad: &mut impl FnMut(&mut Timeline, u128),
+    grad: &mut impl FnMut(&mut Timeline, u128, (usize, usize)),
     upstream: Option<Buf>,
 ) -> Option<Buf> {
     let n = inv.tensor_bytes.len();
@@ -225,7 +225,7 @@ fn step(
     inv: &LayerInventory,
     g: &mut Grads,
     run: Run,
-    grad: &mut impl FnMut(&mut Timeline, u128),
+    grad: &mut impl FnMut(&mut Timeline, u128, (usize, usize)),
     producer: &impl Fn(usize) -> Option<usize>,
 ) -> Option<(usize, Run)> {
     let mut run = run;
@@ -249,7 +249,7 @@ fn step(
             Bwd::Grad(j) => {
                 if let Some(done) = run.grads_done.get_mut(j).filter(|d| !**d) {
                     *done = true;
-                    grad(t, op.grads[j]);
+                    grad(t, op.grads[j], (run.op, j));
                 }
             }
             Bwd::DoneUpstream => {
@@ -303,7 +303,7 @@ fn step(
     }
     for (j, done) in run.grads_done.iter().enumerate() {
         if !done {
-            grad(t, op.grads[j]);
+            grad(t, op.grads[j], (run.op, j));
         }
     }
     // Views' gradients gathered into one gradient of the whole tensor.

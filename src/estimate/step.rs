@@ -17,6 +17,10 @@ pub(super) struct StepExplain {
     pub(super) host_bytes: u128,
 }
 
+/// A parameter's place in `model.parameters()` order: section (0 embedding, 1 decoder layers,
+/// 2 final norm, 3 lm_head), layer, the layer's own norms after its modules, op, index.
+type ParamKey = (u8, usize, u8, usize, usize);
+
 pub(super) fn train_step(
     job: &Job,
     sh: &PerGpu,
@@ -130,8 +134,10 @@ pub(super) fn train_step(
     // shard (FSDP: the unit's full gradient exists until its reduce-scatter).
     // FSDP-HOOK(c): FSDP keeps a layer's (or the root's: lm_head, final norm, embedding)
     // unsharded gradients until that unit's post-backward (sharding.rs `FsdpWalk`).
-    let grads: std::cell::RefCell<Vec<Buf>> = std::cell::RefCell::new(Vec::new());
-    let grad = |t: &mut Timeline, bytes: u128, root: bool| {
+    // Each kept gradient with its place in `model.parameters()` order, which `zero_grad`
+    // frees them in (`p.grad = None` parameter by parameter).
+    let grads: std::cell::RefCell<Vec<(ParamKey, Buf)>> = std::cell::RefCell::new(Vec::new());
+    let grad = |t: &mut Timeline, bytes: u128, root: bool, key: ParamKey| {
         if let Some(f) = &fsdp {
             if root {
                 f.root_grad(t, bytes);
@@ -145,7 +151,7 @@ pub(super) fn train_step(
             .then(|| t.tensor(Category::Temporaries, bytes));
         grads
             .borrow_mut()
-            .push(t.tensor(Category::Gradients, sh.kept_grad(bytes)));
+            .push((key, t.tensor(Category::Gradients, sh.kept_grad(bytes))));
         if let Some(b) = spike {
             t.release(b);
         }
@@ -304,7 +310,11 @@ pub(super) fn train_step(
         t,
         &head,
         head_saved,
-        &mut |t: &mut Timeline, b| grad(t, b, true),
+        &mut |t: &mut Timeline, b, (op, j)| {
+            // The final norm, then lm_head (its weight: the embedding's when tied).
+            let section = if op + 1 == head.ops.len() { 3 } else { 2 };
+            grad(t, b, true, (section, 0, 0, op, j))
+        },
         Some(g_raw),
     );
     if fused_loss {
@@ -328,7 +338,9 @@ pub(super) fn train_step(
             t,
             inv,
             saved,
-            &mut |t: &mut Timeline, b| grad(t, b, false),
+            &mut |t: &mut Timeline, b, (op, j)| {
+                grad(t, b, false, (1, l, u8::from(inv.layer_norm[op]), op, j))
+            },
             flow,
         );
         if let Some(b) = kept_inputs[l].take().or(back) {
@@ -347,18 +359,20 @@ pub(super) fn train_step(
             let head_grad = grads
                 .borrow()
                 .get(n_grads)
-                .copied()
+                .map(|g| g.1)
                 .filter(|g| g.bytes == emb);
             match head_grad {
                 Some(old) => {
-                    grads.borrow_mut()[n_grads] = t.tensor(Category::Gradients, emb);
+                    // The tied weight is the embedding: first in parameter order.
+                    grads.borrow_mut()[n_grads] =
+                        ((0, 0, 0, 0, 0), t.tensor(Category::Gradients, emb));
                     t.release(old);
                 }
                 None => t.transient(Category::Temporaries, emb),
             }
             t.release(dense);
         } else {
-            grad(t, emb, true);
+            grad(t, emb, true, (0, 0, 0, 0, 0));
         }
     }
     if let Some(b) = flow {
@@ -389,11 +403,14 @@ pub(super) fn train_step(
         .iter()
         .map(|&b| t.tensor(Category::Temporaries, b))
         .collect();
-    for b in temps {
+    // The foreach result is a Python list: CPython frees its items last to first.
+    for b in temps.into_iter().rev() {
         t.release(b);
     }
     // zero_grad(set_to_none=True)
-    for g in grads.into_inner() {
+    let mut grads = grads.into_inner();
+    grads.sort_by_key(|g| g.0);
+    for (_, g) in grads {
         t.release(g);
     }
     if let Some(f) = &fsdp {
