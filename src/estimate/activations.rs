@@ -125,6 +125,10 @@ pub struct OpCost {
     /// (temporaries freed where the op frees them, saved tensors allocated where they are
     /// created). Empty: `fwd_transient` once, then the saved tensors.
     pub fwd_script: Vec<Fwd>,
+    /// The same forward when autograd keeps nothing (a checkpointed layer's first forward): its
+    /// would-be saved tensors die where the code drops them. Empty: `fwd_script`, with the
+    /// saved tensors freed when the op ends.
+    pub fwd_script_nosave: Vec<Fwd>,
     /// The op's backward, buffer by buffer in the order autograd creates them (`backward.rs`).
     /// Empty: its input gradients, then `bwd_transient` (or `bwd_stages`) once.
     pub bwd_script: Vec<Bwd>,
@@ -358,6 +362,7 @@ fn op_cost(
             }
             if n.kind == NormKind::Rms {
                 c.fwd_script = rms_script(t, w, n.groups, bytes_of(x), in_rg, trains);
+                c.fwd_script_nosave = rms_script(t, w, n.groups, bytes_of(x), false, false);
                 c.bwd_script = rms_bwd_script(t, w, n.groups, bytes_of(x), in_rg, trains);
             }
             (c, trains)

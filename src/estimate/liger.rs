@@ -38,11 +38,13 @@ pub fn apply(job: &Job, layer: &LayerRecipe, inv: LayerInventory, tokens: u128) 
                     Saved::Own(tokens * 4 * n.groups),
                 ];
                 cost.bwd_script.clear();
+                cost.fwd_script_nosave.clear();
             }
             // SwiGLU keeps gate and up, not the SiLU output (the op's own tensor).
             OpKind::Glu(Act::Silu) if op.inputs[0] != op.inputs[1] => {
                 cost.saved.retain(|s| matches!(s, Saved::Shared(_)));
                 cost.bwd_script.clear();
+                cost.fwd_script_nosave.clear();
             }
             _ => {}
         }

@@ -572,8 +572,15 @@ pub(super) fn forward_layer(
             !op.fwd_script.is_empty() && saves == (0..op.saved.len()).collect::<Vec<_>>();
         let mut out: Vec<Option<Buf>> = vec![None; op.saved.len()];
         let mut temps: Vec<Option<Buf>> = Vec::new();
+        // Nothing kept for backward: the op's own no-save script where it has one (a rule that
+        // rewrote the saved list, e.g. Liger's, dropped the scripts with it).
+        let script = if !save && scripted && !op.fwd_script_nosave.is_empty() {
+            &op.fwd_script_nosave
+        } else {
+            &op.fwd_script
+        };
         if scripted {
-            for e in &op.fwd_script {
+            for e in script {
                 match *e {
                     Fwd::Temp(b) => temps.push(Some(t.tensor(Category::Temporaries, b))),
                     Fwd::Free(k) => {
