@@ -522,7 +522,7 @@ pub fn is_layer_norm(layer: &LayerRecipe, i: usize) -> bool {
         .iter()
         .filter(|o| o.inputs.contains(&op.output))
         .all(|o| matches!(o.kind, OpKind::Add | OpKind::Scale));
-    !(produced_by_linear && !feeds_residual)
+    !produced_by_linear || feeds_residual
 }
 
 fn op_params(op: &OpKind, out: &mut Vec<Param>) {
