@@ -41,14 +41,15 @@
 //! Backward transients (gradient buffers of each module) follow the same rules; the backward of
 //! a block runs op by op in reverse, each op freeing what it saved once it has run.
 
-use crate::arch::{Act, AttnSpec, Dt, Experts, LayerRecipe, NormKind, OpKind, Proj, T};
+use crate::arch::{Act, Dt, Experts, LayerRecipe, NormKind, OpKind, Proj, T};
 use crate::dtype::Precision;
-use crate::method::{Attention, Job, Method};
+use crate::method::{Job, Method};
 
+pub use super::attention::sdpa_masked;
+use super::attention::{attention, attention_fwd_transient};
 use super::backward::{Bwd, BwdScript};
+use super::linear::linear;
 use super::resident::{dense_param_bytes, ADAPTER_BYTES};
-// FSDP-HOOK(m): the adapter dtype is FSDP's param_dtype under mixed precision (sharding.rs).
-use super::sharding::adapter_bytes;
 
 /// Dtypes of the tensors flowing through the model, in bytes per element.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -158,36 +159,36 @@ pub enum Fwd {
 
 /// Builds a forward script: `temp` returns the temporary's index for a later `free`.
 #[derive(Default)]
-struct Script {
-    steps: Vec<Fwd>,
+pub(super) struct Script {
+    pub(super) steps: Vec<Fwd>,
     temps: usize,
 }
 
 impl Script {
-    fn temp(&mut self, bytes: u128) -> usize {
+    pub(super) fn temp(&mut self, bytes: u128) -> usize {
         self.steps.push(Fwd::Temp(bytes));
         self.temps += 1;
         self.temps - 1
     }
 
-    fn free(&mut self, k: usize) {
+    pub(super) fn free(&mut self, k: usize) {
         self.steps.push(Fwd::Free(k));
     }
 
-    fn save(&mut self, j: usize) {
+    pub(super) fn save(&mut self, j: usize) {
         self.steps.push(Fwd::Save(j));
     }
 
-    fn out(&mut self) {
+    pub(super) fn out(&mut self) {
         self.steps.push(Fwd::Out);
     }
 
-    fn drop_input(&mut self, n: usize) {
+    pub(super) fn drop_input(&mut self, n: usize) {
         self.steps.push(Fwd::DropInput(n));
     }
 
     /// A tensor that is saved (`Some(j)`) or else a temporary: returns the temporary.
-    fn saved_or_temp(&mut self, j: Option<usize>, bytes: u128) -> Option<usize> {
+    pub(super) fn saved_or_temp(&mut self, j: Option<usize>, bytes: u128) -> Option<usize> {
         match j {
             Some(j) => {
                 self.save(j);
@@ -250,27 +251,27 @@ impl LayerInventory {
 }
 
 /// The context an op's rule sees.
-struct Ctx<'a> {
-    job: &'a Job,
-    dt: Dtypes,
-    tokens: u128,
-    full: bool,
+pub(super) struct Ctx<'a> {
+    pub(super) job: &'a Job,
+    pub(super) dt: Dtypes,
+    pub(super) tokens: u128,
+    pub(super) full: bool,
 }
 
 impl Ctx<'_> {
-    fn lora(&self, p: &Proj) -> Option<&crate::method::LoraSettings> {
+    pub(super) fn lora(&self, p: &Proj) -> Option<&crate::method::LoraSettings> {
         self.job
             .lora
             .as_ref()
             .filter(|_| super::resident::adapts_linear(self.job, p))
     }
 
-    fn quantized(&self, p: &Proj) -> bool {
+    pub(super) fn quantized(&self, p: &Proj) -> bool {
         matches!(self.job.weights, Precision::Nf4 | Precision::Int8)
             && p.module == crate::arch::Module::Linear
     }
 
-    fn param_bytes(&self) -> u128 {
+    pub(super) fn param_bytes(&self) -> u128 {
         dense_param_bytes(self.job)
     }
 }
@@ -584,782 +585,6 @@ fn op_output_of(layer: &LayerRecipe, inputs: &[T]) -> T {
         .map_or(0, |o| o.output)
 }
 
-/// `nn.Linear` (and peft's LoRA around it; bitsandbytes' 4-bit matmul). `in_rg`: whether the
-/// input needs a gradient.
-fn linear(cx: &Ctx, p: &Proj, x: T, x_bytes: u128, in_rg: bool) -> (OpCost, bool) {
-    let mut c = OpCost::default();
-    let t = cx.tokens;
-    let dt = cx.dt;
-    let trains = cx.full;
-    let dequant = if cx.quantized(p) {
-        p.in_f * p.out_f * dt.compute
-    } else {
-        0
-    };
-    c.fwd_transient = dequant;
-    if trains {
-        if dt.autocast && x_bytes != dt.compute {
-            c.saved.push(Saved::Own(t * dt.compute * p.in_f));
-        } else {
-            c.saved.push(Saved::Shared(x));
-        }
-        if dt.autocast {
-            // Autocast's cached 16-bit weight copy lives until this layer's backward.
-            c.autocast_cast = Some(c.saved.len());
-            c.saved.push(Saved::Own(p.in_f * p.out_f * dt.compute));
-        }
-        c.grads
-            .push((p.in_f * p.out_f + if p.bias { p.out_f } else { 0 }) * cx.param_bytes());
-    }
-    let lora = cx.lora(p);
-    // The adapter dtype: fp32, or FSDP's gathered param_dtype under mixed precision (FSDP-HOOK(m)).
-    let a = adapter_bytes(cx.job);
-    if let Some(l) = lora {
-        // lora_B (a trainable nn.Linear) saves its input: lora_A's fp32 output, r wide.
-        c.saved.push(Saved::Own(t * a * l.rank));
-        // lora_A saves its input: the fp32 dropout output (and dropout its bool mask, when the
-        // input needs a gradient), or the fp32 copy, or the input itself when already fp32.
-        if l.dropout > 0.0 {
-            c.saved.push(Saved::Own(t * a * p.in_f));
-            if in_rg {
-                c.saved.push(Saved::Own(t * p.in_f));
-            }
-        } else if x_bytes == a {
-            c.saved.push(Saved::Shared(x));
-        } else {
-            c.saved.push(Saved::Own(t * a * p.in_f));
-        }
-        // fp32 LoRA output and the fp32 sum before the cast back (peft `result + lora_out`).
-        c.fwd_transient += t * 2 * a * p.out_f;
-        // lora_B's gradient, then lora_A's (the order backward creates them).
-        c.grads.push(l.rank * p.out_f * a);
-        c.grads.push(l.rank * p.in_f * a);
-    }
-    // Backward: the input gradient; with LoRA the fp32 gradient of the sum, its 16-bit cast for
-    // the base (when the output is not fp32), the scaled copy for lora_B, and lora_A's fp32 input
-    // gradient; the dequantized weight again.
-    let mut bwd = t * dt.linear_out * p.in_f + dequant;
-    if lora.is_some() {
-        if a != ADAPTER_BYTES && a == dt.linear_out {
-            // FSDP mixed precision (FSDP-HOOK(m)): adapters in the output's dtype, so no
-            // promoted sum and no cast: the scaled copy for lora_B and lora_A's input gradient.
-            bwd += t * a * (p.out_f + p.in_f);
-        } else {
-            let cast = if dt.linear_out == a { 0 } else { dt.linear_out };
-            bwd += t * ((a + cast + a) * p.out_f + a * p.in_f);
-        }
-    }
-    c.bwd_transient = bwd;
-    let shape = LinearShape {
-        x_bytes,
-        dequant,
-        trains,
-        in_rg,
-        lora: lora.map(|l| (l.rank, l.dropout > 0.0)),
-        adapter: a,
-    };
-    c.fwd_script = linear_script(cx, p, &shape, &c.saved);
-    c.bwd_script = linear_bwd_script(cx, p, &shape);
-    (c, trains || lora.is_some())
-}
-
-/// What a Linear's scripts depend on.
-struct LinearShape {
-    x_bytes: u128,
-    dequant: u128,
-    trains: bool,
-    in_rg: bool,
-    /// LoRA rank and whether dropout is on.
-    lora: Option<(u128, bool)>,
-    /// The adapter dtype's bytes.
-    adapter: u128,
-}
-
-/// The forward of a Linear, intermediate by intermediate. The base layer: bitsandbytes'
-/// `MatMul4Bit.forward` dequantizes the weight (`dequant` bytes, freed after the matmul;
-/// bitsandbytes 0.50.2 `autograd/_functions.py`); autocast's input and weight casts are the
-/// saved tensors 0 and 1 (`trains`). With LoRA (peft 0.21 `tuners/lora/layer.py`
-/// `Linear.forward`): `result = base_layer(x)`, `x = _cast_input_dtype(x, fp32)` (a local
-/// alive until the forward returns), `dropout(x)` (its output saved, its mask saved when the
-/// input needs a gradient), `lora_A(...)` (saved: lora_B's input), `lora_B(...)`, `* scaling`,
-/// `result + ...` (fp32 by type promotion), `.to(result dtype)`: the op's output.
-fn linear_script(cx: &Ctx, p: &Proj, sh: &LinearShape, saved: &[Saved]) -> Vec<Fwd> {
-    let t = cx.tokens;
-    let dt = cx.dt;
-    let mut s = Script::default();
-    let mut j = 0;
-    if sh.trains {
-        // The autocast input cast (or the shared input) and the weight copy.
-        for _ in 0..saved.len().min(if dt.autocast { 2 } else { 1 }) {
-            s.save(j);
-            j += 1;
-        }
-    }
-    // bitsandbytes' `_dequant_linear_fallback` (the path sm90 takes): with double quantization
-    // the absmax dequantized and offset first (fp32, one per 64-block each, freed at return).
-    let absmax = if sh.dequant > 0 && cx.job.double_quant {
-        let n = p.in_f * p.out_f;
-        let a = s.temp(4 * n.div_ceil(crate::dtype::NF4_BLOCK));
-        let b = s.temp(4 * n.div_ceil(crate::dtype::NF4_BLOCK));
-        vec![a, b]
-    } else {
-        Vec::new()
-    };
-    let dq = (sh.dequant > 0).then(|| s.temp(sh.dequant));
-    for k in absmax {
-        s.free(k);
-    }
-    let Some((_, dropout)) = sh.lora else {
-        if let Some(k) = dq {
-            s.free(k);
-        }
-        // The saved tensors the rule adds after these (none today) at the end.
-        while j < saved.len() {
-            s.save(j);
-            j += 1;
-        }
-        return s.steps;
-    };
-    let mut result = s.temp(t * dt.linear_out * p.out_f);
-    if let Some(k) = dq {
-        s.free(k);
-    }
-    // peft's bitsandbytes wrapper (`tuners/lora/bnb.py` `Linear4bit.forward`) clones the base
-    // output, casts the LoRA branch back to the output dtype and sums in that dtype.
-    let bnb = sh.dequant > 0;
-    if bnb {
-        let clone = s.temp(t * dt.linear_out * p.out_f);
-        s.free(result);
-        result = clone;
-    }
-    let (a_out, x_saved) = (j, j + 1);
-    let mut cast = None;
-    if dropout {
-        cast = (sh.x_bytes != sh.adapter).then(|| s.temp(t * sh.adapter * p.in_f));
-        s.save(x_saved);
-        if sh.in_rg {
-            s.save(x_saved + 1);
-        } else {
-            let mask = s.temp(t * p.in_f);
-            s.free(mask);
-        }
-    } else {
-        s.save(x_saved);
-    }
-    s.save(a_out);
-    let b_out = s.temp(t * sh.adapter * p.out_f);
-    let scaled = s.temp(t * sh.adapter * p.out_f);
-    s.free(b_out);
-    if bnb {
-        let cast = s.temp(t * dt.linear_out * p.out_f);
-        s.free(scaled);
-        s.out();
-        s.free(result);
-        s.free(cast);
-    } else {
-        let sum = s.temp(t * sh.adapter * p.out_f);
-        s.free(scaled);
-        s.free(result);
-        s.out();
-        s.free(sum);
-    }
-    if let Some(k) = cast {
-        s.free(k);
-    }
-    s.steps
-}
-
-/// The backward of a Linear, node by node in the order autograd runs them (the reverse of the
-/// forward). LoRA first: `.to(result dtype)` (the gradient cast to fp32), `result + ...` (the
-/// base's share cast to its dtype), `* scaling`, lora_B's mm (weight gradient, then input
-/// gradient: the order the reference tracer records `MmBackward0`'s two mm calls in), lora_A's,
-/// dropout's mask, the cast of x to fp32 (back to the input dtype). Then the base: the weight
-/// gradient (under autocast in 16 bits, then cast to the fp32 weight's dtype by the weight
-/// cast's node) and the input gradient (bitsandbytes dequantizes the 4-bit weight again for
-/// it); autocast's input cast back to the input dtype.
-fn linear_bwd_script(cx: &Ctx, p: &Proj, sh: &LinearShape) -> Vec<Bwd> {
-    let t = cx.tokens;
-    let dt = cx.dt;
-    let lo = dt.linear_out;
-    let mut s = BwdScript::default();
-    let base_saved = if sh.trains {
-        if dt.autocast {
-            2
-        } else {
-            1
-        }
-    } else {
-        0
-    };
-    // The base runs backward only when its input needs a gradient or its weight trains.
-    let base_runs = sh.in_rg || sh.trains;
-    let mut base_grad = None;
-    if let Some((rank, dropout)) = sh.lora {
-        let a = sh.adapter;
-        let (a_out, x_saved) = (base_saved, base_saved + 1);
-        let bnb = sh.dequant > 0;
-        let g32 = (lo != a).then(|| s.temp(t * a * p.out_f));
-        if g32.is_some() && !bnb {
-            s.done_upstream();
-        }
-        // peft's bnb wrapper sums in the output dtype: the base (through the clone) gets the
-        // incoming gradient itself, no cast.
-        base_grad = (base_runs && lo != a && !bnb).then(|| s.temp(t * lo * p.out_f));
-        let gs = s.temp(t * a * p.out_f);
-        if let Some(k) = g32 {
-            s.free(k);
-        }
-        // Each mm's weight gradient comes before its input gradient (`MmBackward0` as traced).
-        s.grad(base_saved.min(1));
-        let ga = s.temp(t * a * rank);
-        s.free(gs);
-        s.release(a_out);
-        s.grad(base_saved.min(1) + 1);
-        let gd = sh.in_rg.then(|| s.temp(t * a * p.in_f));
-        s.free(ga);
-        s.release(x_saved);
-        if let Some(gd) = gd {
-            let gx = if dropout {
-                let k = s.temp(t * a * p.in_f);
-                s.free(gd);
-                s.release(x_saved + 1);
-                k
-            } else {
-                gd
-            };
-            let gn = if sh.x_bytes != a {
-                let k = s.temp(t * sh.x_bytes * p.in_f);
-                s.free(gx);
-                k
-            } else {
-                gx
-            };
-            s.give(gn, 0);
-        }
-    }
-    if base_runs {
-        let gw16 = (sh.trains && dt.autocast).then(|| s.temp(p.in_f * p.out_f * dt.compute));
-        if sh.trains && !dt.autocast {
-            s.grad(0);
-        }
-        let gin = sh.in_rg.then(|| {
-            if sh.dequant > 0 && cx.job.double_quant {
-                let k = s.temp(4 * (p.in_f * p.out_f).div_ceil(crate::dtype::NF4_BLOCK));
-                s.free(k);
-            }
-            let dq = (sh.dequant > 0).then(|| s.temp(sh.dequant));
-            let k = s.temp(t * lo * p.in_f);
-            if let Some(d) = dq {
-                s.free(d);
-            }
-            k
-        });
-        if let Some(k) = base_grad {
-            s.free(k);
-        }
-        s.done_upstream();
-        for j in 0..base_saved {
-            s.release(j);
-        }
-        if let Some(k) = gw16 {
-            s.grad(0);
-            s.free(k);
-        }
-        if let Some(gin) = gin {
-            if sh.x_bytes != lo {
-                let k = s.temp(t * sh.x_bytes * p.in_f);
-                s.free(gin);
-                s.give(k, 0);
-            } else {
-                s.give(gin, 0);
-            }
-        }
-    }
-    s.done_upstream();
-    s.steps
-}
-
-/// Whether SDPA needs a mask for this layer (and so runs memory-efficient attention): a sliding
-/// window no longer than the sequence (transformers `sdpa_mask` skips the mask when
-/// `kv_length < local_attention_size` and nothing is padded).
-pub fn sdpa_masked(job: &Job, a: &AttnSpec) -> bool {
-    a.window.is_some_and(|w| job.seq >= w)
-}
-
-fn attention_fwd_transient(cx: &Ctx, a: &AttnSpec) -> u128 {
-    match cx.job.attention {
-        Attention::Eager => cx.tokens * 2 * cx.dt.compute * a.heads * cx.job.seq,
-        _ => 0,
-    }
-}
-
-fn attention(cx: &Ctx, a: &AttnSpec, inputs: &[T], out: T, c: &mut OpCost) {
-    let v = inputs[2];
-    let t = cx.tokens;
-    let s_b = cx.dt.attention;
-    let (q, kv) = (a.heads * a.qk_head_dim, a.kv_heads * a.qk_head_dim);
-    let vq = a.heads * a.v_head_dim;
-    let seq = cx.job.seq;
-    c.fwd_transient = attention_fwd_transient(cx, a);
-    // With a DynamicCache (use_cache, no checkpointing) the attention gets `torch.cat` copies of
-    // k and v: v is then its own tensor, not a view of the projection's output.
-    let cached = cx.job.model.recipe.use_cache && !cx.job.grad_checkpointing;
-    let v_saved = if cached {
-        Saved::Own(t * s_b * a.kv_heads * a.v_head_dim)
-    } else {
-        Saved::Shared(v)
-    };
-    // SDPA on 32-bit q, k, v with grouped kv heads runs the math backend (PyTorch 2.11
-    // `sdp_utils.cpp`: cuDNN and flash take 16-bit inputs only, memory-efficient attention no
-    // GQA); fp32 norm weights (`prepare_model_for_kbit_training`) or fp32 training get there.
-    let plain = inputs[1] != inputs[2] || inputs[0] == inputs[1];
-    if cx.job.attention == Attention::Sdpa
-        && s_b == 4
-        && a.heads != a.kv_heads
-        && !sdpa_masked(cx.job, a)
-        && plain
-        && a.qk_head_dim == a.v_head_dim
-    {
-        let scores = t * a.heads * seq;
-        c.saved.push(Saved::Own(t * 4 * q));
-        c.saved.push(Saved::Own(t * 4 * q));
-        c.saved.push(Saved::Own(4 * scores));
-        c.saved.push(Saved::Own(t * 4 * vq));
-        let widths = (q, kv, a.kv_heads * a.v_head_dim, vq);
-        c.fwd_script = math_sdpa_script(t, widths, (scores, t * a.heads), seq * seq, cached);
-        c.bwd_script = math_sdpa_bwd_script(t, widths, scores);
-        c.bwd_transient = t * (12 * a.heads * seq + 12 * q);
-        return;
-    }
-    match cx.job.attention {
-        Attention::Sdpa | Attention::Flash
-            if !(cx.job.attention == Attention::Sdpa && sdpa_masked(cx.job, a)) =>
-        {
-            // Flash attention: roped q and k, v (a view of its projection's output), the output
-            // (o_proj's input) and the fp32 log-sum-exp per head.
-            c.saved.push(Saved::Own(t * s_b * q));
-            c.saved.push(Saved::Own(t * s_b * kv));
-            c.saved.push(v_saved);
-            c.saved.push(Saved::Shared(out));
-            c.saved.push(Saved::Own(t * 4 * a.heads));
-            c.bwd_transient = t * (s_b * (2 * q + 2 * kv) + 4 * a.heads);
-            // Separate q, k, v (or one fused qkv); not MLA, whose k and v come from one
-            // projection and whose rope covers part of the head.
-            let plain = inputs[1] != inputs[2] || inputs[0] == inputs[1];
-            if plain {
-                let vkv = a.kv_heads * a.v_head_dim;
-                c.fwd_script = flash_script(t * s_b * q, t * s_b * kv, cached);
-                let fa2 = cx.job.attention == Attention::Flash;
-                c.bwd_script = flash_bwd_script(
-                    t,
-                    s_b,
-                    (q, kv, vkv, vq),
-                    a.heads,
-                    (
-                        a.kv_heads != a.heads,
-                        fa2,
-                        inputs[0] != inputs[1] && inputs[1] != inputs[2],
-                    ),
-                );
-            }
-        }
-        Attention::Sdpa | Attention::Flash => {
-            // Memory-efficient attention with the window mask: k and v repeated to every head,
-            // the mask converted to a 16-bit additive bias (b·s·s per layer).
-            c.saved.push(Saved::Own(t * s_b * (2 * q + vq)));
-            c.saved.push(Saved::Shared(out));
-            c.saved.push(Saved::Own(t * 4 * a.heads));
-            c.saved.push(Saved::Own(t * seq * cx.dt.compute));
-            c.bwd_transient = t * (s_b * (3 * q + vq) + 4 * a.heads);
-        }
-        Attention::Eager => {
-            let repeated = a.kv_heads != a.heads;
-            let plain =
-                (inputs[1] != inputs[2] || inputs[0] == inputs[1]) && !a.sinks && !a.softcap;
-            let scores = t * a.heads * seq;
-            if plain {
-                // q (roped), k (roped; repeated for GQA), the fp32 softmax, its 16-bit cast, v
-                // (repeated, or its projection's output).
-                c.saved.push(Saved::Own(t * s_b * q));
-                c.saved
-                    .push(Saved::Own(t * s_b * if repeated { q } else { kv }));
-                c.saved.push(Saved::Own(4 * scores));
-                c.saved.push(Saved::Own(s_b * scores));
-                c.saved.push(if repeated {
-                    Saved::Own(t * s_b * vq)
-                } else {
-                    v_saved
-                });
-                let widths = (q, kv, a.kv_heads * a.v_head_dim, vq);
-                c.fwd_script = eager_script(t, s_b, widths, scores, cached, repeated);
-                c.held_by_layer = Some(3);
-                let separate = inputs[0] != inputs[1] && inputs[1] != inputs[2];
-                c.bwd_script = eager_bwd_script(t, s_b, widths, scores, (repeated, separate));
-                c.bwd_transient = t * (10 * a.heads * seq + 3 * s_b * q);
-                return;
-            }
-            // q, k (roped; repeated for GQA), v (repeated, or its projection's output).
-            c.saved
-                .push(Saved::Own(t * s_b * (q + if repeated { q } else { kv })));
-            if repeated {
-                c.saved.push(Saved::Own(t * s_b * vq));
-            } else {
-                c.saved.push(v_saved);
-            }
-            let per_score = if a.sinks {
-                s_b
-            } else {
-                4 + s_b + if a.softcap { s_b } else { 0 }
-            };
-            c.saved.push(Saved::Own(t * per_score * a.heads * seq));
-            // Per score in backward: the softmax output's gradient chain — the matmul's gradient
-            // (2 B), its fp32 cast and `_softmax_backward_data` (4 + 4 B). With sinks the
-            // softmax ran in bf16: the scores' gradient, its zero-padded [.., s+1] copy for the
-            // slice, the softmax and max-subtraction gradients (2 B each, at most 3 alive).
-            let per_score = if a.sinks { 6 } else { 10 };
-            c.bwd_transient = t * (per_score * a.heads * seq + 3 * s_b * q);
-        }
-    }
-}
-
-/// RoPE's forward on one projection (`q * cos + rotate_half(q) * sin`): saved as `j`, or left
-/// as a temporary (returned) for a copy that is saved instead.
-fn rope_fwd(s: &mut Script, n: u128, j: Option<usize>) -> Option<usize> {
-    let t1 = s.temp(n);
-    let neg = s.temp(n / 2);
-    let cat = s.temp(n);
-    s.free(neg);
-    let t2 = s.temp(n);
-    s.free(cat);
-    let out = s.saved_or_temp(j, n);
-    s.free(t1);
-    s.free(t2);
-    out
-}
-
-/// RoPE's backward from `grad` (freed): `grad * sin` for `rotate_half(x) * sin`, the cat's
-/// views, `-x2`, the two slices' zero-filled full-size gradients (`slice_backward`) summed in
-/// place, `grad * cos` summed in too; returns the temporary holding the result.
-fn rope_bwd(s: &mut BwdScript, grad: usize, n: u128) -> usize {
-    let by_sin = s.temp(n);
-    let neg = s.temp(n / 2);
-    let second = s.temp(n);
-    s.free(neg);
-    let first = s.temp(n);
-    s.free(by_sin);
-    s.free(first);
-    let by_cos = s.temp(n);
-    s.free(grad);
-    s.free(by_cos);
-    second
-}
-
-/// q's, k's and v's gradients back to their projections: each copied to its projection's layout
-/// (they reached the attention as transposed views; `ViewBackward0`'s reshape, as traced) just
-/// before that projection's backward — v's first, v_proj runs first. A fused qkv takes them as
-/// they are (its views' gradients gathered).
-fn views_back(
-    s: &mut BwdScript,
-    (gq, gk, gv): (usize, usize, usize),
-    (nq, nk, nv): (u128, u128, u128),
-    (separate, copy_v): (bool, bool),
-) {
-    if !separate {
-        s.give(gv, 2);
-        s.give(gk, 1);
-        s.give(gq, 0);
-        return;
-    }
-    if copy_v {
-        let cv = s.temp(nv);
-        s.free(gv);
-        s.give(cv, 2);
-    } else {
-        s.give(gv, 2);
-    }
-    reshape_back(s, gk, nk, 1, 2);
-    reshape_back(s, gq, nq, 0, 1);
-}
-
-/// A transposed view's gradient copied to its producer's layout once the op producing input
-/// `after` has run its backward, then handed to `input`.
-fn reshape_back(s: &mut BwdScript, grad: usize, n: u128, input: usize, after: usize) {
-    s.defer(after);
-    let copy = s.temp(n);
-    s.free(grad);
-    s.give(copy, input);
-}
-
-/// PyTorch 2.11's math SDPA (`attention.cpp` `_scaled_dot_product_attention_math`) on fp32 q, k,
-/// v with GQA, after RoPE (the roped q and k alive until the attention module returns): `q *
-/// √scale` (saved 0); the causal mask `ones(L, S).tril()` made additive
-/// (`convert_boolean_attn_mask`: `logical_not`, `where`); k and v `repeat_interleave`d to every
-/// head (v saved 3); `kᵀ * √scale` (saved 1); the scores, the mask added in place;
-/// `_safe_softmax` (`softmax`, `eq(-inf)`, `all`, `where`: its result saved 2); `matmul(·, v)`;
-/// transformers' `.transpose(1, 2).contiguous()` (the op's output).
-fn math_sdpa_script(
-    t: u128,
-    (q, kv, vkv, vq): (u128, u128, u128, u128),
-    (scores, rows): (u128, u128),
-    mask: u128,
-    cached: bool,
-) -> Vec<Fwd> {
-    let mut s = Script::default();
-    let rq = rope_fwd(&mut s, t * 4 * q, None);
-    let rk = rope_fwd(&mut s, t * 4 * kv, None);
-    let copies: Vec<usize> = if cached {
-        vec![s.temp(t * 4 * kv), s.temp(t * 4 * vkv)]
-    } else {
-        Vec::new()
-    };
-    s.drop_input(0);
-    s.drop_input(1);
-    s.save(0);
-    let ones = s.temp(mask);
-    let tril = s.temp(mask);
-    s.free(ones);
-    let not = s.temp(mask);
-    let additive = s.temp(4 * mask);
-    s.free(not);
-    s.free(tril);
-    let k_rep = s.temp(t * 4 * q);
-    s.save(3);
-    s.save(1);
-    s.free(k_rep);
-    let attn = s.temp(4 * scores);
-    let out = s.temp(4 * scores);
-    let masked = s.temp(scores);
-    let rows = s.temp(rows);
-    s.save(2);
-    s.free(rows);
-    s.free(masked);
-    s.free(out);
-    s.free(attn);
-    let pv = s.temp(t * 4 * vq);
-    s.free(additive);
-    s.out();
-    s.free(pv);
-    for k in [rq, rk].into_iter().flatten().chain(copies) {
-        s.free(k);
-    }
-    s.steps
-}
-
-/// Its backward: the output gradient reshaped (a copy of the transposed view), `matmul(·, v)`
-/// (the probabilities' and the repeated v's gradients; v's summed over the group),
-/// `_softmax_backward_data`, `matmul(q, kᵀ)` (both gradients), `* √scale` for k (then summed over
-/// the group) and for q, then RoPE's, k's first.
-fn math_sdpa_bwd_script(
-    t: u128,
-    (q, kv, vkv, vq): (u128, u128, u128, u128),
-    scores: u128,
-) -> Vec<Bwd> {
-    let mut s = BwdScript::default();
-    let copy = s.temp(t * 4 * q);
-    s.done_upstream();
-    let gw = s.temp(4 * scores);
-    let gv = s.temp(t * 4 * vq);
-    s.free(copy);
-    s.release(3);
-    let gvk = s.temp(t * 4 * vkv);
-    s.free(gv);
-    let gs = s.temp(4 * scores);
-    s.free(gw);
-    s.release(2);
-    let gqs = s.temp(t * 4 * q);
-    let gks = s.temp(t * 4 * q);
-    s.free(gs);
-    s.release(0);
-    s.release(1);
-    let gk_rep = s.temp(t * 4 * q);
-    s.free(gks);
-    let gk = s.temp(t * 4 * kv);
-    s.free(gk_rep);
-    let gq = s.temp(t * 4 * q);
-    s.free(gqs);
-    let gk = rope_bwd(&mut s, gk, t * 4 * kv);
-    let gq = rope_bwd(&mut s, gq, t * 4 * q);
-    views_back(
-        &mut s,
-        (gq, gk, gvk),
-        (t * 4 * q, t * 4 * kv, t * 4 * vkv),
-        (true, true),
-    );
-    s.steps
-}
-
-/// transformers' `eager_attention_forward` (5.17 `models/llama/modeling_llama.py`) after RoPE:
-/// `repeat_kv` copies of k (saved 1) and v (saved 4) for GQA, `matmul(q, kᵀ)`, `* scaling`,
-/// `+ causal_mask`, `softmax(dtype=float32)` (the fp32 copy of its input, then the saved fp32
-/// output 2), `.to(q.dtype)` (saved 3), `matmul(·, v)`, `.transpose(1, 2).contiguous()` (the op's
-/// output, o_proj's input).
-fn eager_script(
-    t: u128,
-    s_b: u128,
-    (q, kv, vkv, vq): (u128, u128, u128, u128),
-    scores: u128,
-    cached: bool,
-    repeated: bool,
-) -> Vec<Fwd> {
-    let mut s = Script::default();
-    rope_fwd(&mut s, t * s_b * q, Some(0));
-    let copy_k = repeated || cached;
-    let roped = rope_fwd(&mut s, t * s_b * kv, (!copy_k).then_some(1));
-    let cat = (cached && repeated).then(|| s.temp(t * s_b * kv));
-    if copy_k {
-        s.save(1);
-    }
-    for k in [roped, cat].into_iter().flatten() {
-        s.free(k);
-    }
-    let v_cat = (cached && repeated).then(|| s.temp(t * s_b * vkv));
-    s.save(4);
-    if let Some(k) = v_cat {
-        s.free(k);
-    }
-    s.drop_input(0);
-    s.drop_input(1);
-    let mm = s.temp(s_b * scores);
-    let scaled = s.temp(s_b * scores);
-    s.free(mm);
-    let masked = s.temp(s_b * scores);
-    s.free(scaled);
-    let up = s.temp(4 * scores);
-    s.save(2);
-    s.free(up);
-    s.save(3);
-    s.free(masked);
-    let pv = s.temp(t * s_b * vq);
-    s.out();
-    s.free(pv);
-    s.steps
-}
-
-/// Its backward: the output gradient reshaped (a copy: it is a transposed view), `matmul(·, v)`
-/// (the probabilities' and v's gradients; v's summed over the GQA group), `.to` (fp32),
-/// `_softmax_backward_data`, the fp32 input cast back, `* scaling`, `matmul(q, kᵀ)` (q's and
-/// k's gradients; k's summed over the group), then RoPE's, k's first.
-fn eager_bwd_script(
-    t: u128,
-    s_b: u128,
-    (q, kv, vkv, vq): (u128, u128, u128, u128),
-    scores: u128,
-    (repeated, separate): (bool, bool),
-) -> Vec<Bwd> {
-    let mut s = BwdScript::default();
-    let copy = s.temp(t * s_b * q);
-    s.done_upstream();
-    let gw = s.temp(s_b * scores);
-    let gv = s.temp(t * s_b * vq);
-    s.free(copy);
-    s.release(3);
-    s.release(4);
-    let gv = if repeated {
-        let k = s.temp(t * s_b * vkv);
-        s.free(gv);
-        k
-    } else {
-        gv
-    };
-    let g32 = s.temp(4 * scores);
-    s.free(gw);
-    let gs = s.temp(4 * scores);
-    s.free(g32);
-    s.release(2);
-    let g16 = s.temp(s_b * scores);
-    s.free(gs);
-    let gm = s.temp(s_b * scores);
-    s.free(g16);
-    let gq = s.temp(t * s_b * q);
-    let gk_rep = s.temp(t * s_b * if repeated { q } else { kv });
-    s.free(gm);
-    s.release(0);
-    s.release(1);
-    let gk = if repeated {
-        let k = s.temp(t * s_b * kv);
-        s.free(gk_rep);
-        k
-    } else {
-        gk_rep
-    };
-    let gk = rope_bwd(&mut s, gk, t * s_b * kv);
-    let gq = rope_bwd(&mut s, gq, t * s_b * q);
-    views_back(
-        &mut s,
-        (gq, gk, gv),
-        (t * s_b * q, t * s_b * kv, t * s_b * vkv),
-        (separate, true),
-    );
-    s.steps
-}
-
-/// RoPE (`apply_rotary_pos_emb`: `q * cos + rotate_half(q) * sin`, `rotate_half` = `cat(-x2,
-/// x1)`) on q and k, then flash attention (PyTorch 2.11 `_flash_attention_forward`): the roped q
-/// (saved 0) and k (saved 1; with a DynamicCache its `torch.cat` copy, 2 the v copy), the
-/// projections' outputs freed once roped, the output (3) and the fp32 log-sum-exp (4).
-fn flash_script(nq: u128, nk: u128, cached: bool) -> Vec<Fwd> {
-    let mut s = Script::default();
-    rope_fwd(&mut s, nq, Some(0));
-    let roped = rope_fwd(&mut s, nk, (!cached).then_some(1));
-    if let Some(k) = roped {
-        s.save(1);
-        s.free(k);
-    }
-    s.save(2);
-    s.drop_input(0);
-    s.drop_input(1);
-    s.save(3);
-    s.save(4);
-    s.steps
-}
-
-/// The fused attention's backward. SDPA on Hopper and Blackwell runs cuDNN attention
-/// (PyTorch 2.11 `sdp_utils.cpp` `check_prefer_cudnn_attention`; the H200 measurements ran it):
-/// dq, dk, dv (GQA handled by the kernel; its workspace is not seen in the reference traces and
-/// does not show in the measured reserved memory). `flash_attention_2` (`mha_bwd`) adds the
-/// fp32 softmax_d (per head and token) and dq accumulator, and with GQA dk and dv expanded to
-/// every head, then summed. Then RoPE's backward, k's then q's (the ready queue runs the
-/// later-created first), v's gradient handed to v_proj (its layout is v's), and q's and k's —
-/// RoPE's gradients come out contiguous in the transposed layout — copied back to their
-/// projections' layout just before each projection's backward.
-fn flash_bwd_script(
-    t: u128,
-    s_b: u128,
-    (q, kv, vkv, vq): (u128, u128, u128, u128),
-    heads: u128,
-    (gqa, fa2, separate): (bool, bool, bool),
-) -> Vec<Bwd> {
-    let mut s = BwdScript::default();
-    let dq = s.temp(t * s_b * q);
-    let dk = s.temp(t * s_b * kv);
-    let dv = s.temp(t * s_b * vkv);
-    if fa2 {
-        let softmax_d = s.temp(t * 4 * heads);
-        let accum = s.temp(t * 4 * q);
-        if gqa {
-            let ek = s.temp(t * s_b * q);
-            let ev = s.temp(t * s_b * vq);
-            s.free(ek);
-            s.free(ev);
-        }
-        s.free(accum);
-        s.free(softmax_d);
-    }
-    s.done_upstream();
-    for j in 0..5 {
-        s.release(j);
-    }
-    let gk = rope_bwd(&mut s, dk, t * s_b * kv);
-    let gq = rope_bwd(&mut s, dq, t * s_b * q);
-    views_back(
-        &mut s,
-        (gq, gk, dv),
-        (t * s_b * q, t * s_b * kv, t * s_b * vkv),
-        (separate && !fa2, false),
-    );
-    s.steps
-}
-
 /// transformers 5 fused experts under the default `grouped_mm` implementation
 /// (`integrations/moe.py` `grouped_mm_experts_forward`): the S = tokens·k routed rows are
 /// gathered and sorted by expert into single tensors, so each intermediate is one tensor of S
@@ -1505,6 +730,7 @@ pub fn split(n: u128, k: u128) -> Vec<u128> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::method::Attention;
     use crate::model::resolve_model;
 
     fn job(method: Method) -> Job {

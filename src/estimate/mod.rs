@@ -16,9 +16,11 @@
 //! `torch.cuda.max_memory_allocated`); the breakdown is what was alive at that moment.
 
 pub mod activations;
+mod attention;
 mod backward;
 mod inference;
 mod liger;
+mod linear;
 pub mod logits;
 pub mod resident;
 pub mod runtime;

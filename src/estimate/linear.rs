@@ -1,0 +1,306 @@
+//! The rules of `nn.Linear`, peft's LoRA around it and bitsandbytes' 4-bit matmul: what each
+//! saves, its forward intermediates in order and its backward as autograd runs it
+//! (`activations.rs` holds the shared types and the other ops).
+
+use crate::arch::{Proj, T};
+
+use super::activations::{Ctx, Fwd, OpCost, Saved, Script};
+use super::backward::{Bwd, BwdScript};
+use super::resident::ADAPTER_BYTES;
+// FSDP-HOOK(m): the adapter dtype is FSDP's param_dtype under mixed precision (sharding.rs).
+use super::sharding::adapter_bytes;
+
+/// `nn.Linear` (and peft's LoRA around it; bitsandbytes' 4-bit matmul). `in_rg`: whether the
+/// input needs a gradient.
+pub(super) fn linear(cx: &Ctx, p: &Proj, x: T, x_bytes: u128, in_rg: bool) -> (OpCost, bool) {
+    let mut c = OpCost::default();
+    let t = cx.tokens;
+    let dt = cx.dt;
+    let trains = cx.full;
+    let dequant = if cx.quantized(p) {
+        p.in_f * p.out_f * dt.compute
+    } else {
+        0
+    };
+    c.fwd_transient = dequant;
+    if trains {
+        if dt.autocast && x_bytes != dt.compute {
+            c.saved.push(Saved::Own(t * dt.compute * p.in_f));
+        } else {
+            c.saved.push(Saved::Shared(x));
+        }
+        if dt.autocast {
+            // Autocast's cached 16-bit weight copy lives until this layer's backward.
+            c.autocast_cast = Some(c.saved.len());
+            c.saved.push(Saved::Own(p.in_f * p.out_f * dt.compute));
+        }
+        c.grads
+            .push((p.in_f * p.out_f + if p.bias { p.out_f } else { 0 }) * cx.param_bytes());
+    }
+    let lora = cx.lora(p);
+    // The adapter dtype: fp32, or FSDP's gathered param_dtype under mixed precision (FSDP-HOOK(m)).
+    let a = adapter_bytes(cx.job);
+    if let Some(l) = lora {
+        // lora_B (a trainable nn.Linear) saves its input: lora_A's fp32 output, r wide.
+        c.saved.push(Saved::Own(t * a * l.rank));
+        // lora_A saves its input: the fp32 dropout output (and dropout its bool mask, when the
+        // input needs a gradient), or the fp32 copy, or the input itself when already fp32.
+        if l.dropout > 0.0 {
+            c.saved.push(Saved::Own(t * a * p.in_f));
+            if in_rg {
+                c.saved.push(Saved::Own(t * p.in_f));
+            }
+        } else if x_bytes == a {
+            c.saved.push(Saved::Shared(x));
+        } else {
+            c.saved.push(Saved::Own(t * a * p.in_f));
+        }
+        // fp32 LoRA output and the fp32 sum before the cast back (peft `result + lora_out`).
+        c.fwd_transient += t * 2 * a * p.out_f;
+        // lora_B's gradient, then lora_A's (the order backward creates them).
+        c.grads.push(l.rank * p.out_f * a);
+        c.grads.push(l.rank * p.in_f * a);
+    }
+    // Backward: the input gradient; with LoRA the fp32 gradient of the sum, its 16-bit cast for
+    // the base (when the output is not fp32), the scaled copy for lora_B, and lora_A's fp32 input
+    // gradient; the dequantized weight again.
+    let mut bwd = t * dt.linear_out * p.in_f + dequant;
+    if lora.is_some() {
+        if a != ADAPTER_BYTES && a == dt.linear_out {
+            // FSDP mixed precision (FSDP-HOOK(m)): adapters in the output's dtype, so no
+            // promoted sum and no cast: the scaled copy for lora_B and lora_A's input gradient.
+            bwd += t * a * (p.out_f + p.in_f);
+        } else {
+            let cast = if dt.linear_out == a { 0 } else { dt.linear_out };
+            bwd += t * ((a + cast + a) * p.out_f + a * p.in_f);
+        }
+    }
+    c.bwd_transient = bwd;
+    let shape = LinearShape {
+        x_bytes,
+        dequant,
+        trains,
+        in_rg,
+        lora: lora.map(|l| (l.rank, l.dropout > 0.0)),
+        adapter: a,
+    };
+    c.fwd_script = linear_script(cx, p, &shape, &c.saved);
+    c.bwd_script = linear_bwd_script(cx, p, &shape);
+    (c, trains || lora.is_some())
+}
+
+/// What a Linear's scripts depend on.
+struct LinearShape {
+    x_bytes: u128,
+    dequant: u128,
+    trains: bool,
+    in_rg: bool,
+    /// LoRA rank and whether dropout is on.
+    lora: Option<(u128, bool)>,
+    /// The adapter dtype's bytes.
+    adapter: u128,
+}
+
+/// The forward of a Linear, intermediate by intermediate. The base layer: bitsandbytes'
+/// `MatMul4Bit.forward` dequantizes the weight (`dequant` bytes, freed after the matmul;
+/// bitsandbytes 0.50.2 `autograd/_functions.py`); autocast's input and weight casts are the
+/// saved tensors 0 and 1 (`trains`). With LoRA (peft 0.21 `tuners/lora/layer.py`
+/// `Linear.forward`): `result = base_layer(x)`, `x = _cast_input_dtype(x, fp32)` (a local
+/// alive until the forward returns), `dropout(x)` (its output saved, its mask saved when the
+/// input needs a gradient), `lora_A(...)` (saved: lora_B's input), `lora_B(...)`, `* scaling`,
+/// `result + ...` (fp32 by type promotion), `.to(result dtype)`: the op's output.
+fn linear_script(cx: &Ctx, p: &Proj, sh: &LinearShape, saved: &[Saved]) -> Vec<Fwd> {
+    let t = cx.tokens;
+    let dt = cx.dt;
+    let mut s = Script::default();
+    let mut j = 0;
+    if sh.trains {
+        // The autocast input cast (or the shared input) and the weight copy.
+        for _ in 0..saved.len().min(if dt.autocast { 2 } else { 1 }) {
+            s.save(j);
+            j += 1;
+        }
+    }
+    // bitsandbytes' `_dequant_linear_fallback` (the path sm90 takes): with double quantization
+    // the absmax dequantized and offset first (fp32, one per 64-block each, freed at return).
+    let absmax = if sh.dequant > 0 && cx.job.double_quant {
+        let n = p.in_f * p.out_f;
+        let a = s.temp(4 * n.div_ceil(crate::dtype::NF4_BLOCK));
+        let b = s.temp(4 * n.div_ceil(crate::dtype::NF4_BLOCK));
+        vec![a, b]
+    } else {
+        Vec::new()
+    };
+    let dq = (sh.dequant > 0).then(|| s.temp(sh.dequant));
+    for k in absmax {
+        s.free(k);
+    }
+    let Some((_, dropout)) = sh.lora else {
+        if let Some(k) = dq {
+            s.free(k);
+        }
+        // The saved tensors the rule adds after these (none today) at the end.
+        while j < saved.len() {
+            s.save(j);
+            j += 1;
+        }
+        return s.steps;
+    };
+    let mut result = s.temp(t * dt.linear_out * p.out_f);
+    if let Some(k) = dq {
+        s.free(k);
+    }
+    // peft's bitsandbytes wrapper (`tuners/lora/bnb.py` `Linear4bit.forward`) clones the base
+    // output, casts the LoRA branch back to the output dtype and sums in that dtype.
+    let bnb = sh.dequant > 0;
+    if bnb {
+        let clone = s.temp(t * dt.linear_out * p.out_f);
+        s.free(result);
+        result = clone;
+    }
+    let (a_out, x_saved) = (j, j + 1);
+    let mut cast = None;
+    if dropout {
+        cast = (sh.x_bytes != sh.adapter).then(|| s.temp(t * sh.adapter * p.in_f));
+        s.save(x_saved);
+        if sh.in_rg {
+            s.save(x_saved + 1);
+        } else {
+            let mask = s.temp(t * p.in_f);
+            s.free(mask);
+        }
+    } else {
+        s.save(x_saved);
+    }
+    s.save(a_out);
+    let b_out = s.temp(t * sh.adapter * p.out_f);
+    let scaled = s.temp(t * sh.adapter * p.out_f);
+    s.free(b_out);
+    if bnb {
+        let cast = s.temp(t * dt.linear_out * p.out_f);
+        s.free(scaled);
+        s.out();
+        s.free(result);
+        s.free(cast);
+    } else {
+        let sum = s.temp(t * sh.adapter * p.out_f);
+        s.free(scaled);
+        s.free(result);
+        s.out();
+        s.free(sum);
+    }
+    if let Some(k) = cast {
+        s.free(k);
+    }
+    s.steps
+}
+
+/// The backward of a Linear, node by node in the order autograd runs them (the reverse of the
+/// forward). LoRA first: `.to(result dtype)` (the gradient cast to fp32), `result + ...` (the
+/// base's share cast to its dtype), `* scaling`, lora_B's mm (weight gradient, then input
+/// gradient: the order the reference tracer records `MmBackward0`'s two mm calls in), lora_A's,
+/// dropout's mask, the cast of x to fp32 (back to the input dtype). Then the base: the weight
+/// gradient (under autocast in 16 bits, then cast to the fp32 weight's dtype by the weight
+/// cast's node) and the input gradient (bitsandbytes dequantizes the 4-bit weight again for
+/// it); autocast's input cast back to the input dtype.
+fn linear_bwd_script(cx: &Ctx, p: &Proj, sh: &LinearShape) -> Vec<Bwd> {
+    let t = cx.tokens;
+    let dt = cx.dt;
+    let lo = dt.linear_out;
+    let mut s = BwdScript::default();
+    let base_saved = if sh.trains {
+        if dt.autocast {
+            2
+        } else {
+            1
+        }
+    } else {
+        0
+    };
+    // The base runs backward only when its input needs a gradient or its weight trains.
+    let base_runs = sh.in_rg || sh.trains;
+    let mut base_grad = None;
+    if let Some((rank, dropout)) = sh.lora {
+        let a = sh.adapter;
+        let (a_out, x_saved) = (base_saved, base_saved + 1);
+        let bnb = sh.dequant > 0;
+        let g32 = (lo != a).then(|| s.temp(t * a * p.out_f));
+        if g32.is_some() && !bnb {
+            s.done_upstream();
+        }
+        // peft's bnb wrapper sums in the output dtype: the base (through the clone) gets the
+        // incoming gradient itself, no cast.
+        base_grad = (base_runs && lo != a && !bnb).then(|| s.temp(t * lo * p.out_f));
+        let gs = s.temp(t * a * p.out_f);
+        if let Some(k) = g32 {
+            s.free(k);
+        }
+        // Each mm's weight gradient comes before its input gradient (`MmBackward0` as traced).
+        s.grad(base_saved.min(1));
+        let ga = s.temp(t * a * rank);
+        s.free(gs);
+        s.release(a_out);
+        s.grad(base_saved.min(1) + 1);
+        let gd = sh.in_rg.then(|| s.temp(t * a * p.in_f));
+        s.free(ga);
+        s.release(x_saved);
+        if let Some(gd) = gd {
+            let gx = if dropout {
+                let k = s.temp(t * a * p.in_f);
+                s.free(gd);
+                s.release(x_saved + 1);
+                k
+            } else {
+                gd
+            };
+            let gn = if sh.x_bytes != a {
+                let k = s.temp(t * sh.x_bytes * p.in_f);
+                s.free(gx);
+                k
+            } else {
+                gx
+            };
+            s.give(gn, 0);
+        }
+    }
+    if base_runs {
+        let gw16 = (sh.trains && dt.autocast).then(|| s.temp(p.in_f * p.out_f * dt.compute));
+        if sh.trains && !dt.autocast {
+            s.grad(0);
+        }
+        let gin = sh.in_rg.then(|| {
+            if sh.dequant > 0 && cx.job.double_quant {
+                let k = s.temp(4 * (p.in_f * p.out_f).div_ceil(crate::dtype::NF4_BLOCK));
+                s.free(k);
+            }
+            let dq = (sh.dequant > 0).then(|| s.temp(sh.dequant));
+            let k = s.temp(t * lo * p.in_f);
+            if let Some(d) = dq {
+                s.free(d);
+            }
+            k
+        });
+        if let Some(k) = base_grad {
+            s.free(k);
+        }
+        s.done_upstream();
+        for j in 0..base_saved {
+            s.release(j);
+        }
+        if let Some(k) = gw16 {
+            s.grad(0);
+            s.free(k);
+        }
+        if let Some(gin) = gin {
+            if sh.x_bytes != lo {
+                let k = s.temp(t * sh.x_bytes * p.in_f);
+                s.free(gin);
+                s.give(k, 0);
+            } else {
+                s.give(gin, 0);
+            }
+        }
+    }
+    s.done_upstream();
+    s.steps
+}
