@@ -156,6 +156,46 @@ impl Peaks {
     }
 }
 
+/// The live tensors' blocks by event id: a vector for the dense ids the estimator hands out, a
+/// map for the rest.
+#[derive(Default)]
+struct Live {
+    dense: Vec<Option<Option<BlockId>>>,
+    sparse: HashMap<u64, Option<BlockId>>,
+}
+
+impl Live {
+    const DENSE: u64 = 1 << 24;
+
+    fn contains_key(&self, id: &u64) -> bool {
+        match usize::try_from(*id).ok().filter(|_| *id < Self::DENSE) {
+            Some(i) => self.dense.get(i).is_some_and(Option::is_some),
+            None => self.sparse.contains_key(id),
+        }
+    }
+
+    fn insert(&mut self, id: u64, block: Option<BlockId>) {
+        match usize::try_from(id).ok().filter(|_| id < Self::DENSE) {
+            Some(i) => {
+                if self.dense.len() <= i {
+                    self.dense.resize(i + 1, None);
+                }
+                self.dense[i] = Some(block);
+            }
+            None => {
+                self.sparse.insert(id, block);
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &u64) -> Option<Option<BlockId>> {
+        match usize::try_from(*id).ok().filter(|_| *id < Self::DENSE) {
+            Some(i) => self.dense.get_mut(i).and_then(Option::take),
+            None => self.sparse.remove(id),
+        }
+    }
+}
+
 /// Replays `events` through the caching allocator configured by `conf`. With a `capacity`
 /// (bytes the allocator may reserve: device memory less the CUDA context and other users), a
 /// segment that does not fit after the cache is freed is an out-of-memory error and the replay
@@ -167,7 +207,7 @@ pub fn simulate(
 ) -> Result<SimResult, EventError> {
     let mut a = Allocator::new(conf.clone(), capacity);
     // Zero-byte tensors get no block (`allocate(0)` returns a null pointer).
-    let mut live: HashMap<u64, Option<BlockId>> = HashMap::new();
+    let mut live = Live::default();
     let mut peaks = Peaks {
         result: SimResult {
             peak_allocated: 0,
