@@ -391,7 +391,25 @@ fn op_cost(
         OpKind::Attention(a) => {
             let trains = cx.full && a.sinks;
             if in_rg || trains {
-                attention(cx, a, inputs, op_output_of(layer, inputs), &mut c);
+                // q, k and v straight from their projections (no q/k norm in between): their
+                // gradients are copied back to the projections' layout just before each
+                // projection's backward.
+                let from_proj = |x: T| {
+                    layer
+                        .ops
+                        .iter()
+                        .any(|o| o.output == x && matches!(o.kind, OpKind::Linear(_)))
+                };
+                let separate = inputs[0] != inputs[1]
+                    && inputs[1] != inputs[2]
+                    && inputs.iter().all(|&x| from_proj(x));
+                attention(
+                    cx,
+                    a,
+                    (inputs, separate),
+                    op_output_of(layer, inputs),
+                    &mut c,
+                );
             } else {
                 c.fwd_transient = attention_fwd_transient(cx, a);
             }

@@ -22,7 +22,13 @@ pub(super) fn attention_fwd_transient(cx: &Ctx, a: &AttnSpec) -> u128 {
     }
 }
 
-pub(super) fn attention(cx: &Ctx, a: &AttnSpec, inputs: &[T], out: T, c: &mut OpCost) {
+pub(super) fn attention(
+    cx: &Ctx,
+    a: &AttnSpec,
+    (inputs, separate): (&[T], bool),
+    out: T,
+    c: &mut OpCost,
+) {
     let v = inputs[2];
     let t = cx.tokens;
     let s_b = cx.dt.attention;
@@ -56,7 +62,7 @@ pub(super) fn attention(cx: &Ctx, a: &AttnSpec, inputs: &[T], out: T, c: &mut Op
         c.saved.push(Saved::Own(t * 4 * vq));
         let widths = (q, kv, a.kv_heads * a.v_head_dim, vq);
         c.fwd_script = math_sdpa_script(t, widths, (scores, t * a.heads), seq * seq, cached);
-        c.bwd_script = math_sdpa_bwd_script(t, widths, scores);
+        c.bwd_script = math_sdpa_bwd_script(t, widths, scores, separate);
         c.bwd_transient = t * (12 * a.heads * seq + 12 * q);
         return;
     }
@@ -84,11 +90,7 @@ pub(super) fn attention(cx: &Ctx, a: &AttnSpec, inputs: &[T], out: T, c: &mut Op
                     s_b,
                     (q, kv, vkv, vq),
                     a.heads,
-                    (
-                        a.kv_heads != a.heads,
-                        fa2,
-                        inputs[0] != inputs[1] && inputs[1] != inputs[2],
-                    ),
+                    (a.kv_heads != a.heads, fa2, separate),
                 );
             }
         }
@@ -122,7 +124,6 @@ pub(super) fn attention(cx: &Ctx, a: &AttnSpec, inputs: &[T], out: T, c: &mut Op
                 let widths = (q, kv, a.kv_heads * a.v_head_dim, vq);
                 c.fwd_script = eager_script(t, s_b, widths, scores, cached, repeated);
                 c.held_by_layer = Some(3);
-                let separate = inputs[0] != inputs[1] && inputs[1] != inputs[2];
                 c.bwd_script = eager_bwd_script(t, s_b, widths, scores, (repeated, separate));
                 c.bwd_transient = t * (10 * a.heads * seq + 3 * s_b * q);
                 return;
@@ -282,6 +283,7 @@ fn math_sdpa_bwd_script(
     t: u128,
     (q, kv, vkv, vq): (u128, u128, u128, u128),
     scores: u128,
+    separate: bool,
 ) -> Vec<Bwd> {
     let mut s = BwdScript::default();
     let copy = s.temp(t * 4 * q);
@@ -312,7 +314,7 @@ fn math_sdpa_bwd_script(
         &mut s,
         (gq, gk, gvk),
         (t * 4 * q, t * 4 * kv, t * 4 * vkv),
-        (true, true),
+        (separate, true),
     );
     s.steps
 }
