@@ -211,9 +211,6 @@ pub struct LayerInventory {
     pub input: u128,
     /// Peak of extra buffers while the layer's forward runs.
     pub fwd_transient: u128,
-    /// The two residual-stream gradients alive through each block's backward (incoming and
-    /// outgoing), bytes each.
-    pub residual_grad: u128,
     /// Each op's input tensors and output tensor (the forward walk keeps a tensor alive from
     /// its op until its last consumer, or until backward when saved).
     pub inputs: Vec<Vec<T>>,
@@ -306,7 +303,6 @@ pub fn inventory(job: &Job, layer: &LayerRecipe, tokens: u128, input_grad: bool)
     LayerInventory {
         input: tensor_bytes[0],
         fwd_transient: max_fwd + if job.grad_checkpointing { ckpt } else { 0 },
-        residual_grad: tokens * cx.dt.residual * layer.tensors[0].width,
         blocks: layer.ops.iter().map(|o| o.block).collect(),
         inputs: layer.ops.iter().map(|o| o.inputs.clone()).collect(),
         outputs: layer.ops.iter().map(|o| o.output).collect(),

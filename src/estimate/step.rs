@@ -699,7 +699,6 @@ pub(super) fn head_inventory(job: &Job, tokens: u128) -> LayerInventory {
         op.bwd_transient = 0;
         op.fwd_transient = 0;
     }
-    inv.residual_grad = 0;
     inv
 }
 
