@@ -362,6 +362,13 @@ fn op_cost(
                 c.fwd_script_nosave = rms_script(t, w, n.groups, bytes_of(x), false, false);
                 c.bwd_script = rms_bwd_script(t, w, n.groups, bytes_of(x), in_rg, trains);
             }
+            if matches!(n.kind, NormKind::RmsGemma | NormKind::RmsFp32Weight) {
+                let shape = (t, w, n.groups, bytes_of(x));
+                let plus_one = n.kind == NormKind::RmsGemma;
+                c.fwd_script = rms_fp32_script(shape, in_rg, trains, plus_one);
+                c.fwd_script_nosave = rms_fp32_script(shape, false, false, plus_one);
+                c.bwd_script = rms_fp32_bwd_script(shape, in_rg, trains);
+            }
             (c, trains)
         }
         OpKind::Linear(p) => linear(cx, p, inputs[0], bytes_of(inputs[0]), in_rg),
@@ -555,9 +562,84 @@ fn rms_bwd_script(
     let Some(gc) = gc else {
         return s.steps;
     };
-    let (wide, row) = (t * 4 * w, t * 4 * groups);
-    let gy = s.temp(wide);
+    let gy = s.temp(t * 4 * w);
     s.free(gc);
+    rms_chain_from(&mut s, gy, (t, w, groups, x_bytes));
+    s.steps
+}
+
+/// Gemma's and OLMo-2's RMSNorm (transformers 5.17 `Gemma3RMSNorm`: `_norm(x.float()) * (1.0 +
+/// weight.float())` then `.type_as(x)`; `Olmo2RMSNorm`: `(weight * normed).to(input_dtype)`):
+/// the weight multiplies in fp32, so the normalized copy kept for the weight's gradient is fp32
+/// (saved 2, or 0 when the input needs no gradient; 0 the fp32 input, 1 the rsqrt as for Llama).
+fn rms_fp32_script(
+    (t, w, groups, _): (u128, u128, u128, u128),
+    in_rg: bool,
+    trains: bool,
+    plus_one: bool,
+) -> Vec<Fwd> {
+    let mut s = Script::default();
+    let upcast = s.saved_or_temp(in_rg.then_some(0), t * 4 * w);
+    let pow = s.temp(t * 4 * w);
+    let mean = s.temp(t * 4 * groups);
+    s.free(pow);
+    let eps = s.temp(t * 4 * groups);
+    let rsqrt = s.saved_or_temp(in_rg.then_some(1), t * 4 * groups);
+    s.free(eps);
+    let normed = s.saved_or_temp(trains.then_some(if in_rg { 2 } else { 0 }), t * 4 * w);
+    for k in [rsqrt, upcast].into_iter().flatten() {
+        s.free(k);
+    }
+    // `1.0 + weight.float()` (Gemma) or the promoted weight: two w-sized fp32 temporaries.
+    let small: Vec<usize> = (0..if plus_one { 2 } else { 1 })
+        .map(|_| s.temp(4 * w))
+        .collect();
+    let y = s.temp(t * 4 * w);
+    if let Some(k) = normed {
+        s.free(k);
+    }
+    s.out();
+    s.free(y);
+    s.free(mean);
+    for k in small {
+        s.free(k);
+    }
+    s.steps
+}
+
+/// Its backward: `.type_as(x)` (the gradient cast to fp32), the fp32 weight product (the
+/// normalized input's gradient, and the weight's: `grad * normed` summed over tokens), then
+/// Llama's chain from `x * rsqrt` down ([`rms_bwd_script`]).
+fn rms_fp32_bwd_script(
+    (t, w, groups, x_bytes): (u128, u128, u128, u128),
+    in_rg: bool,
+    trains: bool,
+) -> Vec<Bwd> {
+    let mut s = BwdScript::default();
+    let wide = t * 4 * w;
+    let g32 = s.temp(wide);
+    s.done_upstream();
+    let gn = in_rg.then(|| s.temp(wide));
+    if trains {
+        let gw = s.temp(wide);
+        s.grad(0);
+        s.free(gw);
+        s.release(if in_rg { 2 } else { 0 });
+    }
+    s.free(g32);
+    let Some(gy) = gn else {
+        return s.steps;
+    };
+    rms_chain_from(&mut s, gy, (t, w, groups, x_bytes));
+    s.steps
+}
+
+/// The RMSNorm derivative from the gradient `gy` of `x * rsqrt` (fp32, freed) to the input's
+/// gradient handed to input 0: `grad * r` and `grad * x` summed per row, `rsqrt`'s, `mean`'s,
+/// `pow`'s (four fp32 b·s·w tensors at once) summed in place, the cast to the input dtype.
+/// Saved: 0 the fp32 input, 1 the rsqrt.
+fn rms_chain_from(s: &mut BwdScript, gy: usize, (t, w, groups, x_bytes): (u128, u128, u128, u128)) {
+    let (wide, row) = (t * 4 * w, t * 4 * groups);
     let ga = s.temp(wide);
     let tmp = s.temp(wide);
     let gr = s.temp(row);
@@ -587,7 +669,6 @@ fn rms_bwd_script(
         s.free(ga);
         s.give(gx, 0);
     }
-    s.steps
 }
 
 /// The op whose inputs are `inputs` (to find the attention output tensor).
