@@ -63,7 +63,6 @@ pub(super) fn attention(
         let widths = (q, kv, a.kv_heads * a.v_head_dim, vq);
         c.fwd_script = math_sdpa_script(t, widths, (scores, t * a.heads), seq * seq, cached);
         c.bwd_script = math_sdpa_bwd_script(t, widths, scores, separate);
-        c.bwd_transient = t * (12 * a.heads * seq + 12 * q);
         return;
     }
     match cx.job.attention {
@@ -125,7 +124,6 @@ pub(super) fn attention(
                 c.fwd_script = eager_script(t, s_b, widths, scores, cached, repeated);
                 c.held_by_layer = Some(3);
                 c.bwd_script = eager_bwd_script(t, s_b, widths, scores, (repeated, separate));
-                c.bwd_transient = t * (10 * a.heads * seq + 3 * s_b * q);
                 return;
             }
             // q, k (roped; repeated for GQA), v (repeated, or its projection's output).

@@ -17,6 +17,8 @@
 //!   `sequence_nr`): an op whose backward is two nodes can let an earlier op's backward run
 //!   between them ([`Bwd::Defer`], SwiGLU's `mul` then `up_proj` then `silu`).
 
+use std::borrow::Cow;
+
 use super::activations::LayerInventory;
 use super::timeline::{Buf, Category, Timeline};
 
@@ -136,10 +138,11 @@ impl Grads {
 }
 
 /// An op's backward in progress (a deferred one waits in `pending`).
-struct Run {
+struct Run<'a> {
     op: usize,
     pc: usize,
-    script: Vec<Bwd>,
+    /// The op's own script, borrowed, or its fallback.
+    script: Cow<'a, [Bwd]>,
     temps: Vec<Option<Buf>>,
     upstream: Option<usize>,
     saved: Vec<Option<Buf>>,
@@ -148,7 +151,8 @@ struct Run {
 
 /// The backward of one layer from `upstream` (the gradient of its output; consumed), with the
 /// tensors its forward saved (per op, aligned with each op's `saved`). Parameter gradients go
-/// to `grad` as they are created, with the op and the gradient's index in it. Returns the gradient of the layer input, when it needs one.
+/// to `grad` as they are created, with the op and the gradient's index in it. Returns the
+/// gradient of the layer input, when it needs one.
 pub(super) fn backward_layer(
     t: &mut Timeline,
     inv: &LayerInventory,
@@ -178,9 +182,9 @@ pub(super) fn backward_layer(
             mine.into_iter().flatten().for_each(|b| t.release(b));
         } else {
             let script = if op.bwd_script.is_empty() {
-                fallback_script(inv, i)
+                Cow::Owned(fallback_script(inv, i))
             } else {
-                op.bwd_script.clone()
+                Cow::Borrowed(op.bwd_script.as_slice())
             };
             let run = Run {
                 op: i,
@@ -206,7 +210,7 @@ pub(super) fn backward_layer(
     // Anything still waiting (its producer is the layer input) finishes now.
     for (_, run) in std::mem::take(&mut pending) {
         let mut run = run;
-        run.script.retain(|s| !matches!(s, Bwd::Defer(_)));
+        run.script.to_mut().retain(|s| !matches!(s, Bwd::Defer(_)));
         let _ = step(t, inv, &mut g, run, grad, &producer);
     }
     let input = g.slot[0].take();
@@ -220,14 +224,14 @@ pub(super) fn backward_layer(
 }
 
 /// Runs `run` until its script ends (None) or defers (the op to wait for, and the run).
-fn step(
+fn step<'a>(
     t: &mut Timeline,
     inv: &LayerInventory,
     g: &mut Grads,
-    run: Run,
+    run: Run<'a>,
     grad: &mut impl FnMut(&mut Timeline, u128, (usize, usize)),
     producer: &impl Fn(usize) -> Option<usize>,
-) -> Option<(usize, Run)> {
+) -> Option<(usize, Run<'a>)> {
     let mut run = run;
     let op = &inv.ops[run.op];
     let ins = &inv.inputs[run.op];

@@ -6,7 +6,6 @@ use crate::arch::{Proj, T};
 
 use super::activations::{Ctx, Fwd, OpCost, Saved, Script};
 use super::backward::{Bwd, BwdScript};
-use super::resident::ADAPTER_BYTES;
 // FSDP-HOOK(m): the adapter dtype is FSDP's param_dtype under mixed precision (sharding.rs).
 use super::sharding::adapter_bytes;
 
@@ -61,21 +60,7 @@ pub(super) fn linear(cx: &Ctx, p: &Proj, x: T, x_bytes: u128, in_rg: bool) -> (O
         c.grads.push(l.rank * p.out_f * a);
         c.grads.push(l.rank * p.in_f * a);
     }
-    // Backward: the input gradient; with LoRA the fp32 gradient of the sum, its 16-bit cast for
-    // the base (when the output is not fp32), the scaled copy for lora_B, and lora_A's fp32 input
-    // gradient; the dequantized weight again.
-    let mut bwd = t * dt.linear_out * p.in_f + dequant;
-    if lora.is_some() {
-        if a != ADAPTER_BYTES && a == dt.linear_out {
-            // FSDP mixed precision (FSDP-HOOK(m)): adapters in the output's dtype, so no
-            // promoted sum and no cast: the scaled copy for lora_B and lora_A's input gradient.
-            bwd += t * a * (p.out_f + p.in_f);
-        } else {
-            let cast = if dt.linear_out == a { 0 } else { dt.linear_out };
-            bwd += t * ((a + cast + a) * p.out_f + a * p.in_f);
-        }
-    }
-    c.bwd_transient = bwd;
+    // The backward is `linear_bwd_script`'s, buffer by buffer (no one-transient fallback).
     let shape = LinearShape {
         x_bytes,
         dequant,

@@ -305,7 +305,6 @@ pub(super) fn train_step(
     }
     // lm_head and the final norm backward (the input gradient, and the weight gradient when it
     // trains): their input's gradient flows into the decoder, layer by layer.
-    let n_grads = grads.borrow().len();
     let mut flow = backward::backward_layer(
         t,
         &head,
@@ -356,17 +355,17 @@ pub(super) fn train_step(
             // The embedding's dense gradient, then its out-of-place sum with lm_head's gradient,
             // which replaces it (measured: +2 × V·h on the 1B and 3B tied models).
             let dense = t.tensor(Category::Temporaries, emb);
+            // lm_head's kept gradient (section 3), when whole on this GPU.
             let head_grad = grads
                 .borrow()
-                .get(n_grads)
-                .map(|g| g.1)
-                .filter(|g| g.bytes == emb);
+                .iter()
+                .position(|(k, g)| k.0 == 3 && g.bytes == emb);
             match head_grad {
-                Some(old) => {
+                Some(i) => {
                     // The tied weight is the embedding: first in parameter order.
-                    grads.borrow_mut()[n_grads] =
-                        ((0, 0, 0, 0, 0), t.tensor(Category::Gradients, emb));
-                    t.release(old);
+                    let sum = ((0, 0, 0, 0, 0), t.tensor(Category::Gradients, emb));
+                    let old = std::mem::replace(&mut grads.borrow_mut()[i], sum);
+                    t.release(old.1);
                 }
                 None => t.transient(Category::Temporaries, emb),
             }
@@ -559,17 +558,7 @@ pub(super) fn forward_layer(
             };
         // A script that does not save each saved tensor exactly once (a rule changed the saved
         // list after it, e.g. Liger's) falls back to the op's one transient.
-        let mut saves: Vec<usize> = op
-            .fwd_script
-            .iter()
-            .filter_map(|e| match *e {
-                Fwd::Save(j) => Some(j),
-                _ => None,
-            })
-            .collect();
-        saves.sort_unstable();
-        let scripted =
-            !op.fwd_script.is_empty() && saves == (0..op.saved.len()).collect::<Vec<_>>();
+        let scripted = !op.fwd_script.is_empty() && saves_each_once(&op.fwd_script, op.saved.len());
         let mut out: Vec<Option<Buf>> = vec![None; op.saved.len()];
         let mut temps: Vec<Option<Buf>> = Vec::new();
         // Nothing kept for backward: the op's own no-save script where it has one (a rule that
@@ -671,6 +660,20 @@ pub(super) fn forward_layer(
     (per_op, layer_out)
 }
 
+/// Whether `script` allocates each of `n` saved tensors exactly once.
+fn saves_each_once(script: &[Fwd], n: usize) -> bool {
+    let mut seen = vec![false; n];
+    for e in script {
+        if let Fwd::Save(j) = *e {
+            match seen.get_mut(j) {
+                Some(s) if !*s => *s = true,
+                _ => return false,
+            }
+        }
+    }
+    seen.iter().all(|&s| s)
+}
+
 /// The final norm and lm_head as a one-block layer under the same op rules (lm_head is never a
 /// LoRA target and never quantized: transformers skips it). Its backward has no residual
 /// gradients of its own.
@@ -692,11 +695,9 @@ pub(super) fn head_inventory(job: &Job, tokens: u128) -> LayerInventory {
         },
     );
     let mut inv = inventory(job, &b.build("head"), tokens, true);
-    // The Linear rule's gradient buffers are the lm_head's input gradient (allocated by the
-    // caller, alive through the decoder's backward); its weight gradient is V·h (tied: the
-    // embedding's, added at the end).
+    // lm_head never dequantizes or adds a LoRA sum: no one-buffer forward transient. Its weight
+    // gradient is V·h (tied: the embedding's, summed at the end).
     for op in &mut inv.ops {
-        op.bwd_transient = 0;
         op.fwd_transient = 0;
     }
     inv
