@@ -1479,8 +1479,8 @@ impl QCase<'_> {
 
     /// The math SDPA forward: `query * sqrt(scale)`; the causal mask `ones(L, S).tril()` made
     /// an fp32 additive mask; k and v `repeat_interleave`d to every head; `k^T * sqrt(scale)`;
-    /// the scores `q @ k^T` (b·H·S·S fp32), `add_(mask)`; `_safe_softmax` (softmax, `eq(-inf)`
-    /// bool, `where`); `attn @ v`; the output transposed back and made contiguous for o_proj.
+    /// the scores `q @ k^T` (b·H·S·S fp32), `add_(mask)`; `_safe_softmax` (softmax, `isneginf`
+    /// bool, `where` in place); `attn @ v`; the output transposed back and made contiguous for o_proj.
     /// Saved: scaled q, scaled k^T, the softmax, repeated v. Returns (o_proj input, saved).
     fn math_sdpa_fwd(
         &self,
@@ -1504,22 +1504,12 @@ impl QCase<'_> {
         let v_exp = s.a(4 * t * q);
         let k_s = s.a(4 * t * q);
         let scores = s.a(sc);
-        // `_safe_softmax` (softmax, eq(-inf), all, where: three score-sized tensors at once)
-        // overshoots the measured reserved by 3.0 / 1.75 GiB (1B / 8B); a plain softmax (one
-        // output, scores freed) comes within +2.6% / +4.2%. Which is right is not settled:
-        // QPROTO_SAFE_SOFTMAX=1 replays the source reading.
-        let attn = if std::env::var("QPROTO_SAFE_SOFTMAX").is_err() {
-            let sm = s.a(sc);
-            s.f(scores);
-            sm
-        } else {
-            let sm = s.a(sc);
-            let masked = s.a(sc / 4);
-            let rows = s.a(4 * self.batch * m.heads * seq / 4);
-            let attn = s.a(sc);
-            s.fs(&[rows, masked, sm, scores]);
-            attn
-        };
+        // `_safe_softmax` as the 2.11 wheel runs it (profiled on CPU): the softmax, an
+        // `isneginf` bool mask, `all`, then `where(rows, 0, out, out=out)` in place.
+        let attn = s.a(sc);
+        let masked = s.a(sc / 4);
+        let rows = s.a(4 * self.batch * m.heads * seq / 4);
+        s.fs(&[rows, masked, scores]);
         let out = s.a(4 * t * q);
         s.fs(&[k_exp, mask]);
         // The inputs (roped q, k; v) die with the layer's forward here: the math path saves

@@ -155,6 +155,10 @@ pub enum Fwd {
     Out,
     /// Frees the op's input n here when this op is its last reader and nobody saved it.
     DropInput(usize),
+    /// Autograd saves a tensor here that memplan does not allocate (a weight, a Python scalar
+    /// wrapped as a 0-dim tensor): a point where a checkpoint recompute can stop (`step.rs`
+    /// `End::Recompute`).
+    Pack,
 }
 
 /// Builds a forward script: `temp` returns the temporary's index for a later `free`.
@@ -185,6 +189,10 @@ impl Script {
 
     pub(super) fn drop_input(&mut self, n: usize) {
         self.steps.push(Fwd::DropInput(n));
+    }
+
+    pub(super) fn pack(&mut self) {
+        self.steps.push(Fwd::Pack);
     }
 
     /// A tensor that is saved (`Some(j)`) or else a temporary: returns the temporary.

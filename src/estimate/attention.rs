@@ -61,7 +61,9 @@ pub(super) fn attention(
         c.saved.push(Saved::Own(4 * scores));
         c.saved.push(Saved::Own(t * 4 * vq));
         let widths = (q, kv, a.kv_heads * a.v_head_dim, vq);
-        c.fwd_script = math_sdpa_script(t, widths, (scores, t * a.heads), seq * seq, cached);
+        let shapes = (scores, t * a.heads);
+        c.fwd_script = math_sdpa_script(t, widths, shapes, seq * seq, cached, true);
+        c.fwd_script_nosave = math_sdpa_script(t, widths, shapes, seq * seq, cached, false);
         c.bwd_script = math_sdpa_bwd_script(t, widths, scores, separate);
         return;
     }
@@ -219,18 +221,23 @@ fn reshape_back(s: &mut BwdScript, grad: usize, n: u128, input: usize, after: us
 }
 
 /// PyTorch 2.11's math SDPA (`attention.cpp` `_scaled_dot_product_attention_math`) on fp32 q, k,
-/// v with GQA, after RoPE (the roped q and k alive until the attention module returns): `q *
-/// √scale` (saved 0); the causal mask `ones(L, S).tril()` made additive
-/// (`convert_boolean_attn_mask`: `logical_not`, `where`); k and v `repeat_interleave`d to every
-/// head (v saved 3); `kᵀ * √scale` (saved 1); the scores, the mask added in place;
-/// `_safe_softmax` (`softmax`, `eq(-inf)`, `all`, `where`: its result saved 2); `matmul(·, v)`;
-/// transformers' `.transpose(1, 2).contiguous()` (the op's output).
+/// v with GQA, after RoPE (the roped q and k alive until the attention module returns), in the
+/// order the 2.11 binary allocates and frees (read off `torch.profiler`'s memory events of the
+/// wheel on CPU; the op is device-independent): `q * √scale` (saved 0); the causal mask
+/// `ones(L, S).tril()` made additive (`convert_boolean_attn_mask`: one `where`); k and v
+/// `repeat_interleave`d to every head (v saved 3; k's copy a local until the op returns);
+/// `kᵀ * √scale` (saved 1; without autograd a temporary freed after the scores); the scores,
+/// the mask added in place; `_safe_softmax` (`softmax`, its result saved 2; `isneginf`, `all`,
+/// then `where(rows, 0, out, out=out)` in place, so no fourth score-sized tensor); the scores
+/// freed; `matmul(·, v)`; the op's locals (k's copy, without autograd q and v too, then the
+/// mask) freed; transformers' `.transpose(1, 2).contiguous()` (the op's output).
 fn math_sdpa_script(
     t: u128,
     (q, kv, vkv, vq): (u128, u128, u128, u128),
     (scores, rows): (u128, u128),
     mask: u128,
     cached: bool,
+    save: bool,
 ) -> Vec<Fwd> {
     let mut s = Script::default();
     let rq = rope_fwd(&mut s, t * 4 * q, None);
@@ -242,29 +249,33 @@ fn math_sdpa_script(
     };
     s.drop_input(0);
     s.drop_input(1);
-    s.save(0);
+    let q_s = s.saved_or_temp(save.then_some(0), t * 4 * q);
     let ones = s.temp(mask);
     let tril = s.temp(mask);
     s.free(ones);
-    let not = s.temp(mask);
     let additive = s.temp(4 * mask);
-    s.free(not);
     s.free(tril);
     let k_rep = s.temp(t * 4 * q);
-    s.save(3);
-    s.save(1);
-    s.free(k_rep);
+    let v_rep = s.saved_or_temp(save.then_some(3), t * 4 * q);
+    let k_s = s.saved_or_temp(save.then_some(1), t * 4 * q);
     let attn = s.temp(4 * scores);
-    let out = s.temp(4 * scores);
+    if let Some(k_s) = k_s {
+        s.free(k_s);
+    }
+    let out = s.saved_or_temp(save.then_some(2), 4 * scores);
     let masked = s.temp(scores);
     let rows = s.temp(rows);
-    s.save(2);
     s.free(rows);
     s.free(masked);
-    s.free(out);
     s.free(attn);
     let pv = s.temp(t * 4 * vq);
+    for k in [v_rep, Some(k_rep), q_s].into_iter().flatten() {
+        s.free(k);
+    }
     s.free(additive);
+    if let Some(out) = out {
+        s.free(out);
+    }
     s.out();
     s.free(pv);
     for k in [rq, rk].into_iter().flatten().chain(copies) {
@@ -487,4 +498,48 @@ fn flash_bwd_script(
         (separate && !fa2, false),
     );
     s.steps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Peak bytes of a forward script's temporaries and saved tensors (`saved[j]` bytes each).
+    fn peak(steps: &[Fwd], saved: &[u128]) -> u128 {
+        let (mut temps, mut live, mut peak) = (Vec::new(), 0, 0);
+        for e in steps {
+            match *e {
+                Fwd::Temp(b) => {
+                    temps.push(Some(b));
+                    live += b;
+                }
+                Fwd::Free(k) => live -= temps[k].take().unwrap_or(0),
+                Fwd::Save(j) => live += saved[j],
+                _ => {}
+            }
+            peak = peak.max(live);
+        }
+        peak
+    }
+
+    #[test]
+    fn math_sdpa_holds_scores_softmax_and_mask_not_a_where_copy() {
+        // 1 × 2048 tokens, 32 heads, widths of 1 so that the score-sized tensors dominate:
+        // S = 32 · 2048 · 2048 scores. PyTorch 2.11's `_safe_softmax` keeps the fp32 scores,
+        // the fp32 softmax and the bool `isneginf` mask (4S + 4S + S bytes) and writes `where`
+        // into the softmax: no fourth tensor of 4S.
+        let (t, s) = (2048, 2048);
+        let scores = t * 32 * s;
+        // Besides: the causal mask (4 · s² fp32), `all`'s rows and the width-1 q, k, v copies.
+        let small = 4 * s * s + t * 32 + 8 * 4 * t;
+        for save in [true, false] {
+            let script = math_sdpa_script(t, (1, 1, 1, 1), (scores, t * 32), s * s, false, save);
+            let saved = [4 * t, 4 * t, 4 * scores, 4 * t];
+            let p = peak(&script, &saved);
+            assert!(
+                p >= 9 * scores && p < 9 * scores + 4 * s * s + small,
+                "{save}: {p}"
+            );
+        }
+    }
 }

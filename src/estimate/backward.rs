@@ -7,8 +7,8 @@
 //! - a node's incoming gradient is freed when the node has run (`call_function` takes its
 //!   inputs by value), its saved tensors right after (`release_variables`);
 //! - a second gradient for the same tensor is summed into the first in place when nobody else
-//!   holds either (`InputBuffer::accumulate`: `old.add_(new)`, else `new.add_(old)`, else an
-//!   out-of-place sum);
+//!   holds the first (`InputBuffer::accumulate`: `old.add_(new)`), else out of place (`old +
+//!   new`; `new.add_(old)` is only for a sparse `old`);
 //! - `a + b` hands its incoming gradient to both inputs without a copy (`AddBackward0`), so the
 //!   residual stream's gradient is one buffer through a layer;
 //! - views (`split`, `chunk` of a fused projection) gather their gradients into one gradient of
@@ -17,7 +17,7 @@
 //!   `sequence_nr`): an op whose backward is two nodes can let an earlier op's backward run
 //!   between them ([`Bwd::Defer`], SwiGLU's `mul` then `up_proj` then `silu`).
 
-use super::activations::LayerInventory;
+use super::activations::{Fwd, LayerInventory};
 use super::timeline::{Buf, Category, Timeline};
 
 /// One step of an op's backward script ([`super::activations::OpCost::bwd_script`]).
@@ -38,6 +38,11 @@ pub enum Bwd {
     Give { temp: usize, input: usize },
     /// The incoming gradient itself becomes the gradient of input n (no copy: `a + b`).
     Pass(usize),
+    /// The op's first node that unpacks a saved tensor runs here: under checkpointing, where a
+    /// layer's recompute starts (`torch/utils/checkpoint.py` `unpack_hook`) when this is the
+    /// first unpack of the layer's backward. Without it an op that saved anything unpacks at
+    /// the start of its script.
+    Unpack,
     /// The rest of the script runs once the op producing input n has run its backward.
     Defer(usize),
 }
@@ -78,6 +83,39 @@ impl BwdScript {
 
     pub fn defer(&mut self, input: usize) {
         self.steps.push(Bwd::Defer(input));
+    }
+
+    pub fn unpack(&mut self) {
+        self.steps.push(Bwd::Unpack);
+    }
+}
+
+/// The tensors a layer's forward saved, per op: kept from the forward, or recomputed from the
+/// checkpointed input at the backward's first unpack (non-reentrant checkpointing recomputes
+/// inside the first saved-tensor unpack, after the backward of the ops that saved nothing).
+pub(super) enum Saves<'a> {
+    Kept(Vec<Vec<Option<Buf>>>),
+    Recompute(&'a mut dyn FnMut(&mut Timeline) -> Vec<Vec<Option<Buf>>>),
+}
+
+impl Saves<'_> {
+    /// The saved tensors of every op, recomputing them first if they are not there yet.
+    fn all(&mut self, t: &mut Timeline) -> &mut Vec<Vec<Option<Buf>>> {
+        if let Saves::Recompute(f) = self {
+            *self = Saves::Kept(f(t));
+        }
+        match self {
+            Saves::Kept(v) => v,
+            Saves::Recompute(_) => unreachable!("recomputed above"),
+        }
+    }
+
+    /// Op `i`'s saved tensors when they exist already (nothing when still to be recomputed).
+    fn take(&mut self, i: usize) -> Vec<Option<Buf>> {
+        match self {
+            Saves::Kept(v) => v.get_mut(i).map(std::mem::take).unwrap_or_default(),
+            Saves::Recompute(_) => Vec::new(),
+        }
     }
 }
 
@@ -122,9 +160,6 @@ impl Grads {
             self.drop_ref(t, g);
         } else if self.holders(old) == 1 {
             self.drop_ref(t, g);
-        } else if self.holders(g) == 1 {
-            self.drop_ref(t, old);
-            self.slot[x] = Some(g);
         } else {
             let bytes = self.pool[old].map_or(0, |(b, _)| b.bytes);
             let sum = t.tensor(Category::Temporaries, bytes);
@@ -153,7 +188,7 @@ struct Run {
 pub(super) fn backward_layer(
     t: &mut Timeline,
     inv: &LayerInventory,
-    saved: Vec<Vec<Option<Buf>>>,
+    mut saved: Saves<'_>,
     grad: &mut impl FnMut(&mut Timeline, u128, (usize, usize)),
     upstream: Option<Buf>,
 ) -> Option<Buf> {
@@ -163,7 +198,6 @@ pub(super) fn backward_layer(
         slot: vec![None; n],
         parts: vec![Vec::new(); n],
     };
-    let mut saved = saved;
     if let (Some(u), Some(&out)) = (upstream, inv.outputs.last()) {
         let id = g.new_ref(u);
         g.slot[out] = Some(id);
@@ -173,7 +207,11 @@ pub(super) fn backward_layer(
     for i in (0..inv.ops.len()).rev() {
         let op = &inv.ops[i];
         let out = inv.outputs[i];
-        let mine = saved.get_mut(i).map(std::mem::take).unwrap_or_default();
+        let unpacks = !op.saved.is_empty() || op.fwd_script.contains(&Fwd::Pack);
+        if unpacks && inv.requires_grad[out] && !op.bwd_script.contains(&Bwd::Unpack) {
+            saved.all(t);
+        }
+        let mine = saved.take(i);
         if !inv.requires_grad[out] {
             // No gradient reaches the op: autograd never runs it (it saved nothing).
             mine.into_iter().flatten().for_each(|b| t.release(b));
@@ -193,14 +231,14 @@ pub(super) fn backward_layer(
                 saved: mine,
                 grads_done: vec![false; op.grads.len()],
             };
-            if let Some((wait, run)) = step(t, inv, &mut g, run, grad, &producer) {
+            if let Some((wait, run)) = step(t, inv, &mut g, run, grad, &producer, &mut saved) {
                 pending.push((wait, run));
             }
         }
         // Deferred scripts waiting for this op's backward continue now.
         while let Some(k) = pending.iter().position(|(w, _)| *w == i) {
             let (_, run) = pending.remove(k);
-            if let Some(p) = step(t, inv, &mut g, run, grad, &producer) {
+            if let Some(p) = step(t, inv, &mut g, run, grad, &producer, &mut saved) {
                 pending.push(p);
             }
         }
@@ -209,7 +247,7 @@ pub(super) fn backward_layer(
     for (_, run) in std::mem::take(&mut pending) {
         let mut run = run;
         run.script.retain(|s| !matches!(s, Bwd::Defer(_)));
-        let _ = step(t, inv, &mut g, run, grad, &producer);
+        let _ = step(t, inv, &mut g, run, grad, &producer, &mut saved);
     }
     let input = g.slot[0].take();
     // Gradients of the layer's inner tensors left over (none in a well-formed walk).
@@ -229,6 +267,7 @@ fn step(
     run: Run,
     grad: &mut impl FnMut(&mut Timeline, u128, (usize, usize)),
     producer: &impl Fn(usize) -> Option<usize>,
+    saved: &mut Saves<'_>,
 ) -> Option<(usize, Run)> {
     let mut run = run;
     let op = &inv.ops[run.op];
@@ -283,6 +322,15 @@ fn step(
                         }
                         g.accumulate(t, x, u);
                     }
+                }
+            }
+            Bwd::Unpack => {
+                if run.saved.is_empty() {
+                    run.saved = saved
+                        .all(t)
+                        .get_mut(run.op)
+                        .map(std::mem::take)
+                        .unwrap_or_default();
                 }
             }
             Bwd::Defer(input) => {
@@ -365,4 +413,42 @@ fn fallback_script(inv: &LayerInventory, i: usize) -> Vec<Bwd> {
         s.give(k, n);
     }
     s.steps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grads(n: usize) -> Grads {
+        Grads {
+            pool: Vec::new(),
+            slot: vec![None; n],
+            parts: vec![Vec::new(); n],
+        }
+    }
+
+    #[test]
+    fn a_second_gradient_is_summed_in_place_only_into_an_unshared_first() {
+        // `InputBuffer::accumulate`: `old.add_(new)` when nothing else holds `old` ...
+        let mut t = Timeline::new();
+        let mut g = grads(1);
+        let old = g.new_ref(t.tensor(Category::Temporaries, 64));
+        let new = g.new_ref(t.tensor(Category::Temporaries, 64));
+        g.accumulate(&mut t, 0, old);
+        g.accumulate(&mut t, 0, new);
+        assert_eq!((g.slot[0], t.total()), (Some(old), 64));
+        // ... else `old + new`, a third buffer, even when `new` is unshared (summing into the
+        // new one is only for a sparse `old`).
+        let mut t = Timeline::new();
+        let mut g = grads(1);
+        let old = g.new_ref(t.tensor(Category::Temporaries, 64));
+        g.pool[old].as_mut().unwrap().1 += 1; // `a + b` handed it to another input too
+        let new = g.new_ref(t.tensor(Category::Temporaries, 64));
+        g.accumulate(&mut t, 0, old);
+        g.accumulate(&mut t, 0, new);
+        assert_ne!(g.slot[0], Some(old));
+        assert_ne!(g.slot[0], Some(new));
+        // The sum and the still-held first gradient remain.
+        assert_eq!(t.total(), 128);
+    }
 }

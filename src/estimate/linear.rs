@@ -106,6 +106,12 @@ fn linear_script(cx: &Ctx, p: &Proj, sh: &LinearShape, saved: &[Saved]) -> Vec<F
             j += 1;
         }
     }
+    // `MmBackward0` saves the weight for the input gradient (and the input for the weight's,
+    // `derivatives.yaml` `mm`) before the matmul runs; bitsandbytes' `MatMul4Bit` keeps its
+    // weight in `ctx.tensors`, which no saved-tensor hook sees.
+    if (sh.in_rg || sh.trains) && sh.dequant == 0 {
+        s.pack();
+    }
     // bitsandbytes' `_dequant_linear_fallback` (the path sm90 takes): with double quantization
     // the absmax dequantized and offset first (fp32, one per 64-block each, freed at return).
     let absmax = if sh.dequant > 0 && cx.job.double_quant {
@@ -220,7 +226,10 @@ fn linear_bwd_script(cx: &Ctx, p: &Proj, sh: &LinearShape) -> Vec<Bwd> {
         if let Some(k) = g32 {
             s.free(k);
         }
-        // Each mm's weight gradient comes before its input gradient (`MmBackward0` as traced).
+        // lora_B's `MmBackward0` is the op's first node that unpacks (`.to`, `+` and `*
+        // scaling` save no tensor). Each mm's weight gradient comes before its input gradient
+        // (`MmBackward0` as traced).
+        s.unpack();
         s.grad(base_saved.min(1));
         let ga = s.temp(t * a * rank);
         s.free(gs);

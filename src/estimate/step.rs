@@ -196,7 +196,15 @@ pub(super) fn train_step(
                 kept_inputs.push(Some(b));
                 Some(b)
             };
-            let (_, out) = forward_layer(t, inv, input, offload, false, true, &mut autocast_cache);
+            let (_, out) = forward_layer(
+                t,
+                inv,
+                input,
+                offload,
+                false,
+                End::Keep,
+                &mut autocast_cache,
+            );
             stream = out;
             layer_saved.push(Vec::new());
         } else {
@@ -205,8 +213,15 @@ pub(super) fn train_step(
             let input = stream
                 .take()
                 .unwrap_or_else(|| t.tensor(Category::Activations, inv.input));
-            let (saved, out) =
-                forward_layer(t, inv, Some(input), true, true, true, &mut autocast_cache);
+            let (saved, out) = forward_layer(
+                t,
+                inv,
+                Some(input),
+                true,
+                true,
+                End::Keep,
+                &mut autocast_cache,
+            );
             stream = out;
             if offload {
                 saved
@@ -230,7 +245,7 @@ pub(super) fn train_step(
         stream.take(),
         true,
         true,
-        false,
+        End::Caller,
         &mut autocast_cache,
     );
     if fused_loss {
@@ -308,7 +323,7 @@ pub(super) fn train_step(
     let mut flow = backward::backward_layer(
         t,
         &head,
-        head_saved,
+        backward::Saves::Kept(head_saved),
         &mut |t: &mut Timeline, b, (op, j)| {
             // The final norm, then lm_head (its weight: the embedding's when tied).
             let section = if op + 1 == head.ops.len() { 3 } else { 2 };
@@ -327,11 +342,15 @@ pub(super) fn train_step(
         // Offloaded: the checkpointed input (or the saved tensors) come back for this layer.
         let back =
             (offload && job.grad_checkpointing).then(|| t.tensor(Category::Activations, inv.input));
+        // The recompute (or the saved tensors brought back), from the kept input, at the
+        // backward's first unpack.
+        let mut recompute = |t: &mut Timeline| {
+            forward_layer(t, inv, None, false, true, End::Recompute, &mut Vec::new()).0
+        };
         let saved = if job.grad_checkpointing || offload {
-            // The recompute (or the saved tensors brought back), from the kept input.
-            forward_layer(t, inv, None, false, true, false, &mut Vec::new()).0
+            backward::Saves::Recompute(&mut recompute)
         } else {
-            std::mem::take(&mut layer_saved[l])
+            backward::Saves::Kept(std::mem::take(&mut layer_saved[l]))
         };
         flow = backward::backward_layer(
             t,
@@ -478,20 +497,23 @@ pub(super) fn train_step(
 ///
 /// `input`: the layer input's buffer (the previous layer's output), freed after its last
 /// consumer when `free_input`; `None`: not tracked (a saved input is then allocated where it
-/// is saved). Returns the tensors saved per op and the layer's output (the last op's), which is
-/// not allocated unless `keep_output` (checkpoint recompute stops once the saved tensors exist;
-/// lm_head's output is the logits, which the caller walks).
+/// is saved). Returns the tensors saved per op and the layer's output (the last op's), which
+/// `end` says what becomes of.
 pub(super) fn forward_layer(
     t: &mut Timeline,
     inv: &LayerInventory,
     input: Option<Buf>,
     free_input: bool,
     save: bool,
-    keep_output: bool,
+    end: End,
     autocast_cache: &mut Vec<Buf>,
 ) -> (Vec<Vec<Option<Buf>>>, Option<Buf>) {
     let n = inv.tensor_bytes.len();
     let n_ops = inv.ops.len();
+    let keep_output = end == End::Keep;
+    let stop = (end == End::Recompute)
+        .then(|| recompute_stop(inv))
+        .flatten();
     // The last op reading each tensor; whether some op saves it (first saver holds it).
     let mut last_use: Vec<Option<usize>> = vec![None; n];
     for (i, ins) in inv.inputs.iter().enumerate() {
@@ -517,7 +539,17 @@ pub(super) fn forward_layer(
     // Tensors the layer's module code keeps until its forward returns (`held_by_layer`).
     let mut held: Vec<Buf> = Vec::new();
     for (i, op) in inv.ops.iter().enumerate() {
-        let o = inv.outputs.get(i).copied();
+        // A recompute that stopped runs nothing after its last saved tensor.
+        if stop.is_some_and(|(si, _)| i > si) {
+            per_op.push(vec![None; op.saved.len()]);
+            continue;
+        }
+        // At the stop: the op's script up to its last save, and no output.
+        let steps = match stop {
+            Some((si, steps)) if si == i => steps,
+            _ => usize::MAX,
+        };
+        let o = inv.outputs.get(i).copied().filter(|_| steps == usize::MAX);
         let is_last = i + 1 == n_ops;
         let alloc_out = |t: &mut Timeline, bufs: &mut Vec<Option<Buf>>, seen: &[bool]| {
             if let Some(o) = o {
@@ -569,7 +601,7 @@ pub(super) fn forward_layer(
             &op.fwd_script
         };
         if scripted {
-            for e in script {
+            for e in script.iter().take(steps) {
                 match *e {
                     Fwd::Temp(b) => temps.push(Some(t.tensor(Category::Temporaries, b))),
                     Fwd::Free(k) => {
@@ -579,6 +611,7 @@ pub(super) fn forward_layer(
                     }
                     Fwd::Save(j) => out[j] = save_one(t, &mut bufs, &mut seen, op.saved[j]),
                     Fwd::Out => alloc_out(t, &mut bufs, &seen),
+                    Fwd::Pack => {}
                     Fwd::DropInput(n) => {
                         let x = inv.inputs[i].get(n).copied();
                         if let Some(x) =
@@ -591,7 +624,7 @@ pub(super) fn forward_layer(
                     }
                 }
             }
-        } else {
+        } else if steps > 0 || !op.saved.is_empty() {
             temps.push(Some(t.tensor(Category::Temporaries, op.fwd_transient)));
             for (j, &s) in op.saved.iter().enumerate() {
                 out[j] = save_one(t, &mut bufs, &mut seen, s);
@@ -658,6 +691,41 @@ pub(super) fn forward_layer(
         }
     }
     (per_op, layer_out)
+}
+
+/// What [`forward_layer`] does with the layer's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum End {
+    /// Allocated and returned (the next layer's input).
+    Keep,
+    /// Not allocated: the caller walks it (lm_head's logits).
+    Caller,
+    /// A checkpointed layer's recompute in backward: PyTorch 2.11's non-reentrant checkpoint
+    /// (transformers 5.17 passes `use_reentrant=False`) stops recomputing once the last tensor
+    /// the first forward saved has been saved again (`torch/utils/checkpoint.py`:
+    /// `_checkpoint_early_stop` defaults to true; the pack hook raises
+    /// `_StopRecomputationError`), so the ops after it never run and neither does the rest of
+    /// that op: a Linear saves its weight or input before its matmul, so the last Linear's
+    /// output is never recomputed.
+    Recompute,
+}
+
+/// Where a recompute stops: the op of the layer's last saved tensor, and how many steps of its
+/// script run (up to that save or [`Fwd::Pack`]; 0 for an unscripted op, whose transient and
+/// saved tensors then run). `None` when nothing in the layer saves.
+fn recompute_stop(inv: &LayerInventory) -> Option<(usize, usize)> {
+    inv.ops.iter().enumerate().rev().find_map(|(i, op)| {
+        let last_save = op
+            .fwd_script
+            .iter()
+            .rposition(|e| matches!(e, Fwd::Save(_) | Fwd::Pack))
+            .filter(|_| saves_each_once(&op.fwd_script, op.saved.len()));
+        match last_save {
+            Some(k) => Some((i, k + 1)),
+            // Unscripted: its one transient and its saved tensors run, then the stop.
+            None => (!op.saved.is_empty()).then_some((i, 0)),
+        }
+    })
 }
 
 /// Whether `script` allocates each of `n` saved tensors exactly once.
@@ -790,5 +858,51 @@ pub(super) fn explain_activations(
         )
     } else {
         base
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::estimate::activations::inventory;
+    use crate::estimate::timeline::Event;
+    use crate::model::resolve_model;
+
+    /// Bytes a layer's forward allocates in all (every `Alloc`, freed or not).
+    fn allocated(job: &Job, end: End) -> u128 {
+        let k = &job.model.recipe.kinds[0];
+        let inv = inventory(job, k, 2048, true);
+        let mut t = Timeline::new();
+        let _ = forward_layer(&mut t, &inv, None, false, true, end, &mut Vec::new());
+        t.events()
+            .iter()
+            .map(|e| match e {
+                Event::Alloc { bytes, .. } => *bytes,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    #[test]
+    fn a_recompute_stops_before_the_last_linear_runs() {
+        // Full fine-tuning, Llama-3.2-1B (h = 2048, bf16): down_proj saves its input before its
+        // matmul, the last save of the layer, so its 2048 × 2048 × 2 B output never exists.
+        let job = Job::new(resolve_model("llama-3.2-1b").unwrap().0, Method::Full);
+        let whole = allocated(&job, End::Caller);
+        assert_eq!(whole - allocated(&job, End::Recompute), 2048 * 2048 * 2);
+    }
+
+    #[test]
+    fn a_lora_recompute_stops_once_lora_b_has_saved_its_input() {
+        let job = Job::new(resolve_model("llama-3.2-1b").unwrap().0, Method::Lora);
+        let k = &job.model.recipe.kinds[0];
+        let inv = inventory(&job, k, 2048, true);
+        let (op, steps) = recompute_stop(&inv).unwrap();
+        // down_proj, the last op that saves: its script up to lora_B's saved input (lora_A's
+        // output, saved tensor 0 of a frozen base); `* scaling` saves no tensor (a Python float).
+        let script = &inv.ops[op].fwd_script;
+        assert_eq!(script[steps - 1], Fwd::Save(0));
+        assert!(!script[steps..].iter().any(|e| matches!(e, Fwd::Save(_))));
+        assert!(inv.ops[op + 1..].iter().all(|o| o.saved.is_empty()));
     }
 }
