@@ -21,10 +21,6 @@ const REFUSED_BY_DESIGN: &[&str] = &["falcon-", "gpt2"];
 /// the test too, so it cannot outlive its reason).
 const KNOWN_GAPS: &[(&[&str], &str)] = &[
     (
-        &["phi-3-mini-4k-instruct-L4|inference|bf16|b1|s2048|"],
-        "prefill at the 2047-token window: the masked memory-efficient call keeps buffers not modelled (−2.3%)",
-    ),
-    (
         &["llama-4-scout-17b-16e-L4|inference|bf16|b2|s2048|gc0|eager"],
         "Llama 4 eager prefill: its fp32 softmax over the chunked mask keeps an extra score-sized copy (−2.6%)",
     ),

@@ -19,16 +19,10 @@ use serde_json::{json, Value};
 const DATA: &str = "tests/data/reference/reserved.jsonl";
 
 /// Cases known to differ, with the reason.
-const KNOWN_GAPS: &[(&str, &str)] = &[
-    (
-        "gpt-oss-20b-L4",
-        "fused MoE experts and sinks attention keep one backward transient per op (no script yet)",
-    ),
-    (
-        "qwen2.5-7b-L4.json full b1 s4096 gc1",
-        "full fine-tuning at 4096 tokens, checkpointed: memplan reserves 4% more than the traced stream (not found)",
-    ),
-];
+const KNOWN_GAPS: &[(&str, &str)] = &[(
+    "gpt-oss-20b-L4",
+    "fused MoE experts and sinks attention keep one backward transient per op (no script yet)",
+)];
 
 fn job(case: &Value) -> Job {
     let cfg = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -232,22 +232,29 @@ fn dense_mlp(
     bias: bool,
     act: Act,
 ) -> T {
-    let (g, u) = if fused {
+    let m = if fused {
         let gu = b.linear(
             x,
             Proj::linear("gate_up_proj", LinearKind::GateUp, h, 2 * inter, bias),
         );
-        (gu, gu)
+        b.glu(gu, gu, act, inter)
+    } else if matches!(act, Act::Silu | Act::GeluTanh) {
+        // `act_fn(gate_proj(x)) * up_proj(x)`: the activation runs before up_proj.
+        let g = b.linear(
+            x,
+            Proj::linear("gate_proj", LinearKind::Gate, h, inter, bias),
+        );
+        let a = b.act(g, act);
+        let u = b.linear(x, Proj::linear("up_proj", LinearKind::Up, h, inter, bias));
+        b.mul(a, u)
     } else {
-        (
-            b.linear(
-                x,
-                Proj::linear("gate_proj", LinearKind::Gate, h, inter, bias),
-            ),
-            b.linear(x, Proj::linear("up_proj", LinearKind::Up, h, inter, bias)),
-        )
+        let g = b.linear(
+            x,
+            Proj::linear("gate_proj", LinearKind::Gate, h, inter, bias),
+        );
+        let u = b.linear(x, Proj::linear("up_proj", LinearKind::Up, h, inter, bias));
+        b.glu(g, u, act, inter)
     };
-    let m = b.glu(g, u, act, inter);
     b.linear(
         m,
         Proj::linear("down_proj", LinearKind::Down, inter, h, bias),

@@ -226,6 +226,11 @@ pub enum OpKind {
     Attention(AttnSpec),
     /// gate, up → `act(gate) * up` (a fused `gate_up` output is passed twice).
     Glu(Act),
+    /// gate → `act(gate)`: a GLU's activation on its own projection, which Python evaluates
+    /// before the up projection (`down_proj(act_fn(gate_proj(x)) * up_proj(x))`).
+    Act(Act),
+    /// a, b → `a * b` (the GLU's product after [`OpKind::Act`]): saves both.
+    Mul,
     Router(Router),
     /// x (routed) → the weighted sum of the experts' outputs.
     Experts(Experts),
@@ -525,6 +530,55 @@ pub fn is_layer_norm(layer: &LayerRecipe, i: usize) -> bool {
     !produced_by_linear || feeds_residual
 }
 
+/// Per op: the last op of the transformers module it runs in (the attention or the MLP module),
+/// `None` for the decoder layer's own ops (its norms, residual adds and scales). A module's ops
+/// are the run between two of those; it returns after its last op.
+pub fn module_ends(layer: &LayerRecipe) -> Vec<Option<usize>> {
+    let n = layer.ops.len();
+    let own = |i: usize| {
+        matches!(layer.ops[i].kind, OpKind::Add | OpKind::Scale) || is_layer_norm(layer, i)
+    };
+    let mut ends = vec![None; n];
+    let mut i = 0;
+    while i < n {
+        if own(i) {
+            i += 1;
+            continue;
+        }
+        let end = (i..n).take_while(|&j| !own(j)).last().unwrap_or(i);
+        for e in &mut ends[i..=end] {
+            *e = Some(end);
+        }
+        i = end + 1;
+    }
+    ends
+}
+
+/// Per tensor: the op until which Python keeps it alive after its last reader. A decoder
+/// layer's own pre-norm output is the argument of the module after it (`hidden_states =
+/// self.input_layernorm(hidden_states)`, then `self.self_attn(hidden_states)`; the same for
+/// `self.mlp`), and the attention module's `value_states` is a local of its forward: both live
+/// until the module returns, i.e. until the module's last op.
+pub fn module_argument_until(layer: &LayerRecipe) -> Vec<Option<usize>> {
+    let ends = module_ends(layer);
+    let mut held = vec![None; layer.tensors.len()];
+    for (i, op) in layer.ops.iter().enumerate() {
+        if is_layer_norm(layer, i) {
+            let first =
+                (i + 1..layer.ops.len()).find(|&j| layer.ops[j].inputs.contains(&op.output));
+            if let Some(end) = first.and_then(|j| ends[j]) {
+                held[op.output] = Some(end);
+            }
+        }
+        if let (OpKind::Attention(_), Some(end)) = (&op.kind, ends[i]) {
+            if let Some(&v) = op.inputs.get(2) {
+                held[v] = held[v].max(Some(end));
+            }
+        }
+    }
+    held
+}
+
 fn op_params(op: &OpKind, out: &mut Vec<Param>) {
     match op {
         OpKind::Norm(n) => {
@@ -564,7 +618,7 @@ fn op_params(op: &OpKind, out: &mut Vec<Param>) {
                 });
             }
         }
-        OpKind::Glu(_) | OpKind::Add | OpKind::Scale => {}
+        OpKind::Glu(_) | OpKind::Act(_) | OpKind::Mul | OpKind::Add | OpKind::Scale => {}
     }
 }
 
@@ -648,6 +702,16 @@ impl LayerBuilder {
         )
     }
 
+    pub fn act(&mut self, gate: T, act: Act) -> T {
+        let w = self.tensors[gate].width;
+        self.push(OpKind::Act(act), vec![gate], w, Dt::LinearOut)
+    }
+
+    pub fn mul(&mut self, a: T, b: T) -> T {
+        let w = self.tensors[a].width;
+        self.push(OpKind::Mul, vec![a, b], w, Dt::LinearOut)
+    }
+
     pub fn glu(&mut self, gate: T, up: T, act: Act, width: u128) -> T {
         self.push(OpKind::Glu(act), vec![gate, up], width, Dt::LinearOut)
     }
@@ -681,5 +745,41 @@ impl LayerBuilder {
             tensors: self.tensors,
             ops: self.ops,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_arguments_and_locals_live_until_the_module_returns() {
+        let (m, _) = crate::model::resolve_model("llama-3.2-1b").unwrap();
+        let layer = &m.recipe.kinds[0];
+        let index = |name: &str| {
+            layer
+                .ops
+                .iter()
+                .position(|o| matches!(&o.kind, OpKind::Linear(p) if p.name == name))
+                .unwrap()
+        };
+        // `act_fn(gate_proj(x)) * up_proj(x)`: the activation runs between the projections.
+        let (gate, up) = (index("gate_proj"), index("up_proj"));
+        assert_eq!(layer.ops[gate + 1].kind, OpKind::Act(Act::Silu));
+        assert_eq!(gate + 2, up);
+        assert_eq!(layer.ops[up + 1].kind, OpKind::Mul);
+        let held = module_argument_until(layer);
+        let ends = module_ends(layer);
+        let (o, down) = (index("o_proj"), index("down_proj"));
+        // input_layernorm's output and v_proj's (value_states) until o_proj has run;
+        // post_attention_layernorm's until down_proj has.
+        let norm_out = |i: usize| layer.ops[i].output;
+        assert_eq!(held[norm_out(0)], Some(o));
+        assert_eq!(held[layer.ops[index("v_proj")].output], Some(o));
+        assert_eq!(held[norm_out(o + 2)], Some(down));
+        // The decoder layer's own ops belong to no module.
+        assert_eq!(ends[0], None);
+        assert_eq!(ends[o + 1], None);
+        assert_eq!(ends[gate], Some(down));
     }
 }

@@ -140,6 +140,9 @@ pub struct OpCost {
     /// forward returns even when autograd saves nothing (eager attention's probabilities:
     /// `hidden_states, _ = self.self_attn(...)` holds them in `_`).
     pub held_by_layer: Option<usize>,
+    /// Saved tensors the op's module keeps in locals until the module returns, when autograd
+    /// saves nothing (the attention's roped `query_states` and `key_states`).
+    pub held_by_module: Vec<usize>,
 }
 
 /// One step of an op's forward script ([`OpCost::fwd_script`]).
@@ -228,6 +231,12 @@ pub struct LayerInventory {
     /// Whether each op is one of the decoder layer's own norms (registered after its attention
     /// and MLP modules: `Recipe::registration_order`).
     pub layer_norm: Vec<bool>,
+    /// Per tensor: the op until which Python keeps it alive although no later op reads it —
+    /// a module's argument (the normed hidden states passed to the attention or the MLP module)
+    /// lives until the module returns (`crate::arch::module_argument_until`).
+    pub held_until: Vec<Option<usize>>,
+    /// Per op: the last op of the module it runs in (`crate::arch::module_ends`).
+    pub module_end: Vec<Option<usize>>,
 }
 
 impl LayerInventory {
@@ -318,6 +327,8 @@ pub fn inventory(job: &Job, layer: &LayerRecipe, tokens: u128, input_grad: bool)
         layer_norm: (0..layer.ops.len())
             .map(|i| crate::arch::is_layer_norm(layer, i))
             .collect(),
+        held_until: crate::arch::module_argument_until(layer),
+        module_end: crate::arch::module_ends(layer),
         tensor_bytes,
         ops,
     }
@@ -458,6 +469,41 @@ fn op_cost(
             }
             (c, false)
         }
+        OpKind::Act(_) => {
+            // `silu` / `gelu(approximate="tanh")` save their input for the backward
+            // (`silu_backward(grad, self)`), which allocates the input's gradient.
+            let g = inputs[0];
+            c.ckpt_transient = t * width(g) * bytes_of(g);
+            if in_rg {
+                c.saved = vec![Saved::Shared(g)];
+                let mut s = BwdScript::default();
+                let k = s.temp(t * width(g) * bytes_of(g));
+                s.done_upstream();
+                s.release(0);
+                s.give(k, 0);
+                c.bwd_script = s.steps;
+            }
+            (c, false)
+        }
+        OpKind::Mul => {
+            // `a * b` (`MulBackward0`): saves both, each the other's gradient factor; `other`'s
+            // gradient before `self`'s (as traced), then `other` released before `self`.
+            let (a, b) = (inputs[0], inputs[1]);
+            c.ckpt_transient = t * (width(a) * bytes_of(a) + width(b) * bytes_of(b));
+            if in_rg {
+                c.saved = vec![Saved::Shared(a), Saved::Shared(b)];
+                let mut s = BwdScript::default();
+                let gb = s.temp(t * width(b) * bytes_of(b));
+                let ga = s.temp(t * width(a) * bytes_of(a));
+                s.done_upstream();
+                s.release(1);
+                s.release(0);
+                s.give(ga, 0);
+                s.give(gb, 1);
+                c.bwd_script = s.steps;
+            }
+            (c, false)
+        }
         OpKind::Experts(e) => experts(cx, e, in_rg),
         OpKind::Add => {
             // `AddBackward0` hands its incoming gradient to both inputs.
@@ -541,8 +587,8 @@ fn rms_script(
 }
 
 /// `LlamaRMSNorm`'s backward (the reverse of [`rms_script`], PyTorch 2.11 `derivatives.yaml`):
-/// `weight * c` gives the weight's gradient (`grad * c`, summed over tokens) and c's
-/// (`grad * weight`); the cast back to fp32; `x * rsqrt` the input's (`grad * r`) and the
+/// `weight * c` gives c's gradient (`grad * weight`) and then the weight's (`grad * c`, summed
+/// over tokens); the cast back to fp32; `x * rsqrt` the input's (`grad * r`) and the
 /// rsqrt's (`grad * x` summed per row); `rsqrt` (`-0.5 * grad * r³`); `mean` (`expand / n`);
 /// `pow(2)` (`grad * (2 * x.pow(1))`: four fp32 b·s·w tensors alive at once, as traced in
 /// tests/reference/fsdp_trace.py), summed into the input's gradient in place; the cast to the
@@ -557,9 +603,11 @@ fn rms_bwd_script(
     trains: bool,
 ) -> Vec<Bwd> {
     let mut s = BwdScript::default();
-    let gw = trains.then(|| s.temp(t * x_bytes * w));
+    // `MulBackward0` computes `other`'s gradient before `self`'s (as traced): c's, then the
+    // weight's product, reduced to the weight's gradient.
     let gc = in_rg.then(|| s.temp(t * x_bytes * w));
-    if let Some(k) = gw {
+    if trains {
+        let k = s.temp(t * x_bytes * w);
         s.grad(0);
         s.free(k);
     }
@@ -662,14 +710,17 @@ fn rms_chain_from(s: &mut BwdScript, gy: usize, (t, w, groups, x_bytes): (u128, 
     s.release(1);
     let gmean = s.temp(wide);
     s.free(ge);
+    // `pow_backward`: `grad * (2 * self.pow(1))`, its temporaries alive to the end of the
+    // full expression (four fp32 tensors at once); the node's saved input released before
+    // the engine sums the result into the input's gradient.
     let pow1 = s.temp(wide);
     let twice = s.temp(wide);
-    s.free(pow1);
     let gpow = s.temp(wide);
     s.free(twice);
+    s.free(pow1);
     s.free(gmean);
-    s.free(gpow);
     s.release(0);
+    s.free(gpow);
     if x_bytes == 4 {
         s.give(ga, 0);
     } else {

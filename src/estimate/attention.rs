@@ -85,6 +85,9 @@ pub(super) fn attention(
             if plain {
                 let vkv = a.kv_heads * a.v_head_dim;
                 c.fwd_script = flash_script(t * s_b * q, t * s_b * kv, cached);
+                // `query_states, key_states = apply_rotary_pos_emb(...)`: locals of the
+                // attention's forward until it returns (after o_proj).
+                c.held_by_module = vec![0, 1];
                 let fa2 = cx.job.attention == Attention::Flash;
                 c.bwd_script = flash_bwd_script(
                     t,

@@ -95,6 +95,13 @@ fn layer(
             last_use[i] = j;
         }
     }
+    // A module's argument (and the attention's `value_states`) lives until the module returns.
+    let held = crate::arch::module_argument_until(layer);
+    for (i, h) in held.iter().enumerate() {
+        if let Some(h) = *h {
+            last_use[i] = last_use[i].max(h);
+        }
+    }
     let mut alive: Vec<Option<Buf>> = vec![None; n];
     alive[0] = Some(input);
     let mut kv_bytes = 0;
@@ -151,6 +158,9 @@ fn layer(
                 };
                 rope.max(kernel)
             }
+            // The activation's output is a tensor of the layer; the product allocates only
+            // its output.
+            OpKind::Act(_) | OpKind::Mul => 0,
             OpKind::Glu(act) => {
                 let i = layer.tensors[op.output].width;
                 let own = match act {
@@ -180,6 +190,13 @@ fn layer(
         t.transient(Category::Temporaries, transient);
         for &i in &op.inputs {
             if last_use[i] == j {
+                if let Some(b) = alive[i].take() {
+                    t.release(b);
+                }
+            }
+        }
+        for (i, h) in held.iter().enumerate() {
+            if *h == Some(j) && last_use[i] == j {
                 if let Some(b) = alive[i].take() {
                     t.release(b);
                 }

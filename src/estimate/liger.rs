@@ -49,6 +49,26 @@ pub fn apply(job: &Job, layer: &LayerRecipe, inv: LayerInventory, tokens: u128) 
             _ => {}
         }
     }
+    // `silu(gate) * up` as one kernel (`LigerSiLUMulFunction`): no SiLU output; the product
+    // saves gate and up.
+    for (i, op) in layer.ops.iter().enumerate() {
+        let OpKind::Act(Act::Silu) = op.kind else {
+            continue;
+        };
+        let Some(m) = layer
+            .ops
+            .iter()
+            .position(|o| o.kind == OpKind::Mul && o.inputs[0] == op.output)
+        else {
+            continue;
+        };
+        inv.tensor_bytes[op.output] = 0;
+        inv.ops[i].saved.clear();
+        inv.ops[i].bwd_script.clear();
+        let up = layer.ops[m].inputs[1];
+        inv.ops[m].saved = vec![Saved::Shared(op.inputs[0]), Saved::Shared(up)];
+        inv.ops[m].bwd_script.clear();
+    }
     inv
 }
 // ANCHOR_END: liger_kernels

@@ -521,6 +521,12 @@ pub(super) fn forward_layer(
             last_use[x] = Some(i);
         }
     }
+    // A module's argument lives until the module returns.
+    for (x, until) in inv.held_until.iter().enumerate() {
+        if let Some(u) = *until {
+            last_use[x] = last_use[x].max(Some(u));
+        }
+    }
     let mut will_save = vec![false; n];
     if save {
         for op in &inv.ops {
@@ -536,8 +542,21 @@ pub(super) fn forward_layer(
     let mut seen = vec![false; n];
     let mut layer_out = None;
     let mut per_op = Vec::with_capacity(n_ops);
-    // Tensors the layer's module code keeps until its forward returns (`held_by_layer`).
+    // Tensors the layer's module code keeps until its forward returns (`held_by_layer`), and
+    // until a module returns (`held_by_module`: the op after which they go).
     let mut held: Vec<Buf> = Vec::new();
+    let mut held_module: Vec<(usize, Buf)> = Vec::new();
+    // Tensors a module keeps after their last reader (`held_until`), by the op they go after:
+    // the module's own locals first (produced last first), then its argument.
+    let mut goes_after: Vec<Vec<usize>> = vec![Vec::new(); n_ops];
+    for (x, until) in inv.held_until.iter().enumerate() {
+        if let Some(u) = until.filter(|&u| u < n_ops) {
+            goes_after[u].push(x);
+        }
+    }
+    for list in &mut goes_after {
+        list.sort_unstable_by(|a, b| b.cmp(a));
+    }
     for (i, op) in inv.ops.iter().enumerate() {
         // A recompute that stopped runs nothing after its last saved tensor.
         if stop.is_some_and(|(si, _)| i > si) {
@@ -609,6 +628,13 @@ pub(super) fn forward_layer(
                             t.release(b);
                         }
                     }
+                    // Not saving, the op's own output still comes into being where the op
+                    // would save it (flash attention's output before its log-sum-exp).
+                    Fwd::Save(j)
+                        if !save && op.saved[j] == Saved::Shared(o.unwrap_or(usize::MAX)) =>
+                    {
+                        alloc_out(t, &mut bufs, &seen)
+                    }
                     Fwd::Save(j) => out[j] = save_one(t, &mut bufs, &mut seen, op.saved[j]),
                     Fwd::Out => alloc_out(t, &mut bufs, &seen),
                     Fwd::Pack => {}
@@ -651,6 +677,12 @@ pub(super) fn forward_layer(
             {
                 held.push(b);
             }
+            let until = inv.module_end[i].unwrap_or(i);
+            for &j in &op.held_by_module {
+                if let Some(b) = out.get_mut(j).and_then(Option::take) {
+                    held_module.push((until, b));
+                }
+            }
             for b in out.drain(..).flatten() {
                 t.release(b);
             }
@@ -674,11 +706,25 @@ pub(super) fn forward_layer(
                 t.release(b);
             }
         }
+        // The module returns after this op: its locals and its argument go.
+        while let Some(k) = held_module.iter().position(|(u, _)| *u == i) {
+            t.release(held_module.remove(k).1);
+        }
+        for &x in &goes_after[i] {
+            if x != 0 || free_input {
+                if let Some(b) = bufs[x].take() {
+                    t.release(b);
+                }
+            }
+        }
         if is_last {
             layer_out = o.and_then(|o| bufs[o].take());
         }
     }
-    for b in held {
+    for b in held
+        .into_iter()
+        .chain(held_module.into_iter().map(|(_, b)| b))
+    {
         t.release(b);
     }
     // Tensors nobody consumed inside the layer (none in a well-formed recipe) go now, except

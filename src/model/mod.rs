@@ -162,7 +162,7 @@ impl ModelShape {
                         kv_heads = a.kv_heads;
                         head_dim = a.qk_head_dim;
                     }
-                    OpKind::Glu(_) if inter == 0 && moe.is_none() => {
+                    OpKind::Glu(_) | OpKind::Mul if inter == 0 && moe.is_none() => {
                         inter = layer.tensors[op.output].width;
                     }
                     OpKind::Experts(e) => {
