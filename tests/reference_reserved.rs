@@ -134,6 +134,13 @@ fn traced_events(path: &str) -> Vec<Event> {
         },
     ];
     let mut ids = std::collections::HashMap::new();
+    // A gradient accumulation the tracer tagged (`TRACE_ACC_KEYS=1`: `[acc:old,new]`) is summed
+    // in place, as `InputBuffer::accumulate` does outside a dispatch mode: the sum lives in the
+    // first gradient's block (`owner`), whose own free is then not the block's.
+    let (mut owner, mut absorbed) = (
+        std::collections::HashMap::new(),
+        std::collections::HashSet::new(),
+    );
     let (mut next, mut phase) = (0u64, String::new());
     for l in text.lines() {
         let r: Value = serde_json::from_str(l).unwrap();
@@ -155,11 +162,23 @@ fn traced_events(path: &str) -> Vec<Event> {
             "alloc" => {
                 next += 1;
                 ids.insert(key, next);
+                let acc = r["op"].as_str().and_then(|op| {
+                    let tag = op.split("[acc:").nth(1)?;
+                    tag.split(',').next()?.parse::<u64>().ok()
+                });
+                if let Some(first) = acc.and_then(|k| ids.get(&k).copied()) {
+                    owner.insert(next, owner.get(&first).copied().unwrap_or(first));
+                    absorbed.insert(first);
+                    continue;
+                }
                 evs.push(Event::Alloc { id: next, bytes });
             }
             "free" => {
                 if let Some(id) = ids.remove(&key) {
-                    evs.push(Event::Free { id });
+                    if !absorbed.remove(&id) {
+                        let id = owner.remove(&id).unwrap_or(id);
+                        evs.push(Event::Free { id });
+                    }
                 }
             }
             _ => {}

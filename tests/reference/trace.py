@@ -158,6 +158,10 @@ class LiveBytes:
         self.peak = self.live
 
 
+# `one --events` with TRACE_ACC_KEYS=1 tags gradient accumulations (see CountOutputs).
+ACC_KEYS = bool(__import__("os").environ.get("TRACE_ACC_KEYS"))
+
+
 class CountOutputs(TorchDispatchMode):
     """Counts the storage of every tensor an aten op returns (views and in-place ops share one)."""
 
@@ -168,6 +172,13 @@ class CountOutputs(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.tracker.current_op = str(func)
+        if (ACC_KEYS and func is torch.ops.aten.add.Tensor and not torch.is_grad_enabled()
+                and torch._C._current_graph_task_id() != -1
+                and all(isinstance(a, torch.Tensor) for a in args[:2])):
+            # autograd's `InputBuffer::accumulate` (out of place under a dispatch mode): name
+            # the two summed storages so a replay can sum in place as the engine does on a GPU.
+            k0, k1 = (a.untyped_storage()._cdata for a in args[:2])
+            self.tracker.current_op += f"[acc:{k0},{k1}]"
         flat, _ = tree_flatten(out)
         for t in flat:
             if isinstance(t, torch.Tensor):
