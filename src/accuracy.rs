@@ -9,17 +9,17 @@ pub const CASES: usize = 75;
 pub const ALLOCATED_MEDIAN_PCT: f64 = 0.0;
 pub const ALLOCATED_WORST_PCT: f64 = 1.2;
 /// The same for `peak_reserved_bytes` (the caching-allocator replay, `crate::alloc`).
-pub const RESERVED_MEDIAN_PCT: f64 = 0.2;
+pub const RESERVED_MEDIAN_PCT: f64 = 0.1;
 pub const RESERVED_WORST_PCT: f64 = 8.0;
 
 /// `median 0.00%, worst 1.2%` (peak allocated).
 pub const ALLOCATED_SUMMARY: &str = "median 0.00%, worst 1.2%";
-/// `median 0.2%, worst 8%` (peak reserved).
-pub const RESERVED_SUMMARY: &str = "median 0.2%, worst 8%";
+/// `median 0.1%, worst 8%` (peak reserved).
+pub const RESERVED_SUMMARY: &str = "median 0.1%, worst 8%";
 
 /// The accuracy note of the `allocator_reserve` component.
 pub const RESERVED_ACCURACY: &str =
-    "approximate (simulated caching allocator): peak reserved off by a median 0.2%, worst 8% on the H200 measurements";
+    "approximate (simulated caching allocator): peak reserved off by a median 0.1%, worst 8% on the H200 measurements";
 
 /// What `--explain` says about accuracy.
 pub fn explain_note() -> String {

@@ -69,7 +69,10 @@ pub(super) fn linear(cx: &Ctx, p: &Proj, x: T, x_bytes: u128, in_rg: bool) -> (O
         lora: lora.map(|l| (l.rank, l.dropout > 0.0)),
         adapter: a,
     };
-    c.fwd_script = linear_script(cx, p, &shape, &c.saved);
+    c.fwd_script = linear_script(cx, p, &shape, &c.saved, true);
+    if lora.is_some_and(|l| l.dropout > 0.0) {
+        c.fwd_script_nosave = linear_script(cx, p, &shape, &c.saved, false);
+    }
     c.bwd_script = linear_bwd_script(cx, p, &shape);
     (c, trains || lora.is_some())
 }
@@ -87,14 +90,15 @@ struct LinearShape {
 }
 
 /// The forward of a Linear, intermediate by intermediate. The base layer: bitsandbytes'
-/// `MatMul4Bit.forward` dequantizes the weight (`dequant` bytes, freed after the matmul;
-/// bitsandbytes 0.50.2 `autograd/_functions.py`); autocast's input and weight casts are the
+/// `MatMul4Bit.forward` dequantizes the weight (`dequant` bytes; bitsandbytes 0.50.2
+/// `backends/cuda/ops.py` `_dequant_linear_fallback`, the path above 1,536 rows: the nested
+/// absmax dequantized and offset, the weight dequantized, `F.linear`, then its locals freed); autocast's input and weight casts are the
 /// saved tensors 0 and 1 (`trains`). With LoRA (peft 0.21 `tuners/lora/layer.py`
 /// `Linear.forward`): `result = base_layer(x)`, `x = _cast_input_dtype(x, fp32)` (a local
 /// alive until the forward returns), `dropout(x)` (its output saved, its mask saved when the
 /// input needs a gradient), `lora_A(...)` (saved: lora_B's input), `lora_B(...)`, `* scaling`,
 /// `result + ...` (fp32 by type promotion), `.to(result dtype)`: the op's output.
-fn linear_script(cx: &Ctx, p: &Proj, sh: &LinearShape, saved: &[Saved]) -> Vec<Fwd> {
+fn linear_script(cx: &Ctx, p: &Proj, sh: &LinearShape, saved: &[Saved], save: bool) -> Vec<Fwd> {
     let t = cx.tokens;
     let dt = cx.dt;
     let mut s = Script::default();
@@ -123,13 +127,21 @@ fn linear_script(cx: &Ctx, p: &Proj, sh: &LinearShape, saved: &[Saved]) -> Vec<F
         Vec::new()
     };
     let dq = (sh.dequant > 0).then(|| s.temp(sh.dequant));
-    for k in absmax {
-        s.free(k);
-    }
-    let Some((_, dropout)) = sh.lora else {
+    // `F.linear`'s output exists before the fallback returns, which frees its locals in frame
+    // order: the offset absmax, the dequantized absmax, the dequantized weight.
+    let free_dequant = |s: &mut Script| {
+        for &k in absmax.iter().rev() {
+            s.free(k);
+        }
         if let Some(k) = dq {
             s.free(k);
         }
+    };
+    let Some((rank, dropout)) = sh.lora else {
+        if dq.is_some() {
+            s.out();
+        }
+        free_dequant(&mut s);
         // The saved tensors the rule adds after these (none today) at the end.
         while j < saved.len() {
             s.save(j);
@@ -138,9 +150,7 @@ fn linear_script(cx: &Ctx, p: &Proj, sh: &LinearShape, saved: &[Saved]) -> Vec<F
         return s.steps;
     };
     let mut result = s.temp(t * dt.linear_out * p.out_f);
-    if let Some(k) = dq {
-        s.free(k);
-    }
+    free_dequant(&mut s);
     // peft's bitsandbytes wrapper (`tuners/lora/bnb.py` `Linear4bit.forward`) clones the base
     // output, casts the LoRA branch back to the output dtype and sums in that dtype.
     let bnb = sh.dequant > 0;
@@ -151,10 +161,13 @@ fn linear_script(cx: &Ctx, p: &Proj, sh: &LinearShape, saved: &[Saved]) -> Vec<F
     }
     let (a_out, x_saved) = (j, j + 1);
     let mut cast = None;
+    // Without autograd (`save` false: a checkpointed layer's first forward) the dropout's
+    // output dies once lora_A has read it, its mask at once, lora_A's output once lora_B has.
+    let mut dropped = None;
     if dropout {
         cast = (sh.x_bytes != sh.adapter).then(|| s.temp(t * sh.adapter * p.in_f));
-        s.save(x_saved);
-        if sh.in_rg {
+        dropped = s.saved_or_temp(save.then_some(x_saved), t * sh.adapter * p.in_f);
+        if sh.in_rg && save {
             s.save(x_saved + 1);
         } else {
             let mask = s.temp(t * p.in_f);
@@ -163,8 +176,14 @@ fn linear_script(cx: &Ctx, p: &Proj, sh: &LinearShape, saved: &[Saved]) -> Vec<F
     } else {
         s.save(x_saved);
     }
-    s.save(a_out);
+    let a = s.saved_or_temp(save.then_some(a_out), t * sh.adapter * rank);
+    if let Some(k) = dropped {
+        s.free(k);
+    }
     let b_out = s.temp(t * sh.adapter * p.out_f);
+    if let Some(k) = a {
+        s.free(k);
+    }
     let scaled = s.temp(t * sh.adapter * p.out_f);
     s.free(b_out);
     if bnb {
@@ -263,11 +282,14 @@ fn linear_bwd_script(cx: &Ctx, p: &Proj, sh: &LinearShape) -> Vec<Bwd> {
             s.grad(0);
         }
         let gin = sh.in_rg.then(|| {
-            if sh.dequant > 0 && cx.job.double_quant {
-                let k = s.temp(4 * (p.in_f * p.out_f).div_ceil(crate::dtype::NF4_BLOCK));
+            // `F.dequantize_4bit`: the nested absmax dequantized (offset added in place) lives
+            // until the function returns, after the dequantized weight exists.
+            let absmax = (sh.dequant > 0 && cx.job.double_quant)
+                .then(|| s.temp(4 * (p.in_f * p.out_f).div_ceil(crate::dtype::NF4_BLOCK)));
+            let dq = (sh.dequant > 0).then(|| s.temp(sh.dequant));
+            if let Some(k) = absmax {
                 s.free(k);
             }
-            let dq = (sh.dequant > 0).then(|| s.temp(sh.dequant));
             let k = s.temp(t * lo * p.in_f);
             if let Some(d) = dq {
                 s.free(d);
@@ -297,4 +319,59 @@ fn linear_bwd_script(cx: &Ctx, p: &Proj, sh: &LinearShape) -> Vec<Bwd> {
     }
     s.done_upstream();
     s.steps
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::estimate::activations::{inventory, Fwd};
+    use crate::method::{Job, Method};
+    use crate::model::resolve_model;
+
+    /// Peak bytes of a script's temporaries and saved tensors (`saved[j]` bytes each).
+    fn peak(steps: &[Fwd], saved: &[u128]) -> u128 {
+        let (mut temps, mut live, mut peak) = (Vec::new(), 0, 0);
+        for e in steps {
+            match *e {
+                Fwd::Temp(b) => {
+                    temps.push(Some(b));
+                    live += b;
+                }
+                Fwd::Free(k) => live -= temps[k].take().unwrap_or(0),
+                Fwd::Save(j) => live += saved[j],
+                _ => {}
+            }
+            peak = peak.max(live);
+        }
+        peak
+    }
+
+    #[test]
+    fn without_autograd_the_lora_branch_frees_what_only_backward_would_keep() {
+        // Llama-3.2-1B q_proj (2048 → 2048, bf16), r = 16, dropout 0.05, one token. Without
+        // autograd: the bf16 base output, x's fp32 copy, then lora_B's fp32 output and its
+        // scaled copy at once (the dropout output and its mask are gone by then): 2·2048 +
+        // 4·2048 + 2 · 4·2048 bytes.
+        let job = Job::new(resolve_model("llama-3.2-1b").unwrap().0, Method::Lora);
+        let k = &job.model.recipe.kinds[0];
+        let inv = inventory(&job, k, 1, true);
+        let q = &inv.ops[1];
+        assert!(!q.fwd_script_nosave.is_empty());
+        assert_eq!(
+            peak(&q.fwd_script_nosave, &[]),
+            2 * 2048 + 4 * 2048 + 2 * 4 * 2048
+        );
+        // With autograd the dropout output (fp32), its mask and lora_A's output stay saved.
+        let saved: Vec<u128> = q
+            .saved
+            .iter()
+            .map(|s| match s {
+                crate::estimate::activations::Saved::Own(b) => *b,
+                crate::estimate::activations::Saved::Shared(_) => 0,
+            })
+            .collect();
+        assert_eq!(
+            peak(&q.fwd_script, &saved),
+            2 * 2048 + 4 * 2048 + 4 * 2048 + 2048 + 4 * 16 + 2 * 4 * 2048
+        );
+    }
 }

@@ -9,7 +9,7 @@
 //!   with GPU, driver and loaded kernels (typically 0.3–0.9 GiB); `--calibration` overrides it.
 //! - Allocator reserve: reserved minus allocated at the peak, from the caching-allocator
 //!   simulation (`crate::alloc`) replayed over the step's tensor events (`estimate::finish`).
-//!   Against the 75 groundtruth steps: median 0.2%, worst 8% (book: Allocator).
+//!   Against the 75 groundtruth steps: median 0.1%, worst 8% (book: Allocator).
 
 use std::path::Path;
 
