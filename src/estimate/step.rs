@@ -521,11 +521,18 @@ pub(super) fn forward_layer(
             last_use[x] = Some(i);
         }
     }
-    // A module's argument lives until the module returns.
+    // A module's argument lives until the module returns: after its last reader, it goes
+    // after the op `goes_after` names (the module's own locals first, produced last first,
+    // then its argument).
+    let mut goes_after: Vec<Vec<usize>> = vec![Vec::new(); n_ops];
     for (x, until) in inv.held_until.iter().enumerate() {
-        if let Some(u) = *until {
+        if let Some(u) = until.filter(|&u| u < n_ops) {
             last_use[x] = last_use[x].max(Some(u));
+            goes_after[u].push(x);
         }
+    }
+    for list in &mut goes_after {
+        list.sort_unstable_by(|a, b| b.cmp(a));
     }
     let mut will_save = vec![false; n];
     if save {
@@ -546,17 +553,6 @@ pub(super) fn forward_layer(
     // until a module returns (`held_by_module`: the op after which they go).
     let mut held: Vec<Buf> = Vec::new();
     let mut held_module: Vec<(usize, Buf)> = Vec::new();
-    // Tensors a module keeps after their last reader (`held_until`), by the op they go after:
-    // the module's own locals first (produced last first), then its argument.
-    let mut goes_after: Vec<Vec<usize>> = vec![Vec::new(); n_ops];
-    for (x, until) in inv.held_until.iter().enumerate() {
-        if let Some(u) = until.filter(|&u| u < n_ops) {
-            goes_after[u].push(x);
-        }
-    }
-    for list in &mut goes_after {
-        list.sort_unstable_by(|a, b| b.cmp(a));
-    }
     for (i, op) in inv.ops.iter().enumerate() {
         // A recompute that stopped runs nothing after its last saved tensor.
         if stop.is_some_and(|(si, _)| i > si) {
@@ -631,7 +627,7 @@ pub(super) fn forward_layer(
                     // Not saving, the op's own output still comes into being where the op
                     // would save it (flash attention's output before its log-sum-exp).
                     Fwd::Save(j)
-                        if !save && op.saved[j] == Saved::Shared(o.unwrap_or(usize::MAX)) =>
+                        if !save && matches!(op.saved[j], Saved::Shared(x) if Some(x) == o) =>
                     {
                         alloc_out(t, &mut bufs, &seen)
                     }
