@@ -210,6 +210,26 @@ impl Script {
     }
 }
 
+/// Peak bytes of a forward script's temporaries and saved tensors (`saved[j]` bytes each), for
+/// tests of the scripts.
+#[cfg(test)]
+pub(super) fn script_peak(steps: &[Fwd], saved: &[u128]) -> u128 {
+    let (mut temps, mut live, mut peak) = (Vec::new(), 0, 0);
+    for e in steps {
+        match *e {
+            Fwd::Temp(b) => {
+                temps.push(Some(b));
+                live += b;
+            }
+            Fwd::Free(k) => live -= temps[k].take().unwrap_or(0),
+            Fwd::Save(j) => live += saved[j],
+            _ => {}
+        }
+        peak = peak.max(live);
+    }
+    peak
+}
+
 /// A layer's inventory for `tokens` tokens.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerInventory {
@@ -561,13 +581,7 @@ fn rms_script(
     trains: bool,
 ) -> Vec<Fwd> {
     let mut s = Script::default();
-    let upcast = s.saved_or_temp(in_rg.then_some(0), t * 4 * w);
-    let pow = s.temp(t * 4 * w);
-    let mean = s.temp(t * 4 * groups);
-    s.free(pow);
-    let eps = s.temp(t * 4 * groups);
-    let rsqrt = s.saved_or_temp(in_rg.then_some(1), t * 4 * groups);
-    s.free(eps);
+    let (upcast, mean, rsqrt) = rms_stats(&mut s, (t, w, groups), in_rg);
     let prod = s.temp(t * 4 * w);
     if let Some(k) = rsqrt {
         s.free(k);
@@ -584,6 +598,23 @@ fn rms_script(
         s.free(k);
     }
     s.steps
+}
+
+/// RMSNorm's statistics: `x.to(float32)` (saved 0), `pow(2)`, `.mean(-1)` (kept until the
+/// norm returns), `+ eps`, `rsqrt` (saved 1); returns the temporaries (upcast, mean, rsqrt).
+fn rms_stats(
+    s: &mut Script,
+    (t, w, groups): (u128, u128, u128),
+    in_rg: bool,
+) -> (Option<usize>, usize, Option<usize>) {
+    let upcast = s.saved_or_temp(in_rg.then_some(0), t * 4 * w);
+    let pow = s.temp(t * 4 * w);
+    let mean = s.temp(t * 4 * groups);
+    s.free(pow);
+    let eps = s.temp(t * 4 * groups);
+    let rsqrt = s.saved_or_temp(in_rg.then_some(1), t * 4 * groups);
+    s.free(eps);
+    (upcast, mean, rsqrt)
 }
 
 /// `LlamaRMSNorm`'s backward (the reverse of [`rms_script`], PyTorch 2.11 `derivatives.yaml`):
@@ -635,13 +666,7 @@ fn rms_fp32_script(
     plus_one: bool,
 ) -> Vec<Fwd> {
     let mut s = Script::default();
-    let upcast = s.saved_or_temp(in_rg.then_some(0), t * 4 * w);
-    let pow = s.temp(t * 4 * w);
-    let mean = s.temp(t * 4 * groups);
-    s.free(pow);
-    let eps = s.temp(t * 4 * groups);
-    let rsqrt = s.saved_or_temp(in_rg.then_some(1), t * 4 * groups);
-    s.free(eps);
+    let (upcast, mean, rsqrt) = rms_stats(&mut s, (t, w, groups), in_rg);
     let normed = s.saved_or_temp(trains.then_some(if in_rg { 2 } else { 0 }), t * 4 * w);
     for k in [rsqrt, upcast].into_iter().flatten() {
         s.free(k);

@@ -506,24 +506,7 @@ fn flash_bwd_script(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Peak bytes of a forward script's temporaries and saved tensors (`saved[j]` bytes each).
-    fn peak(steps: &[Fwd], saved: &[u128]) -> u128 {
-        let (mut temps, mut live, mut peak) = (Vec::new(), 0, 0);
-        for e in steps {
-            match *e {
-                Fwd::Temp(b) => {
-                    temps.push(Some(b));
-                    live += b;
-                }
-                Fwd::Free(k) => live -= temps[k].take().unwrap_or(0),
-                Fwd::Save(j) => live += saved[j],
-                _ => {}
-            }
-            peak = peak.max(live);
-        }
-        peak
-    }
+    use crate::estimate::activations::script_peak;
 
     #[test]
     fn math_sdpa_holds_scores_softmax_and_mask_not_a_where_copy() {
@@ -538,7 +521,7 @@ mod tests {
         for save in [true, false] {
             let script = math_sdpa_script(t, (1, 1, 1, 1), (scores, t * 32), s * s, false, save);
             let saved = [4 * t, 4 * t, 4 * scores, 4 * t];
-            let p = peak(&script, &saved);
+            let p = script_peak(&script, &saved);
             assert!(
                 p >= 9 * scores && p < 9 * scores + 4 * s * s + small,
                 "{save}: {p}"

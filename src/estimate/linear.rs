@@ -323,27 +323,9 @@ fn linear_bwd_script(cx: &Ctx, p: &Proj, sh: &LinearShape) -> Vec<Bwd> {
 
 #[cfg(test)]
 mod tests {
-    use crate::estimate::activations::{inventory, Fwd};
+    use crate::estimate::activations::{inventory, script_peak};
     use crate::method::{Job, Method};
     use crate::model::resolve_model;
-
-    /// Peak bytes of a script's temporaries and saved tensors (`saved[j]` bytes each).
-    fn peak(steps: &[Fwd], saved: &[u128]) -> u128 {
-        let (mut temps, mut live, mut peak) = (Vec::new(), 0, 0);
-        for e in steps {
-            match *e {
-                Fwd::Temp(b) => {
-                    temps.push(Some(b));
-                    live += b;
-                }
-                Fwd::Free(k) => live -= temps[k].take().unwrap_or(0),
-                Fwd::Save(j) => live += saved[j],
-                _ => {}
-            }
-            peak = peak.max(live);
-        }
-        peak
-    }
 
     #[test]
     fn without_autograd_the_lora_branch_frees_what_only_backward_would_keep() {
@@ -357,7 +339,7 @@ mod tests {
         let q = &inv.ops[1];
         assert!(!q.fwd_script_nosave.is_empty());
         assert_eq!(
-            peak(&q.fwd_script_nosave, &[]),
+            script_peak(&q.fwd_script_nosave, &[]),
             2 * 2048 + 4 * 2048 + 2 * 4 * 2048
         );
         // With autograd the dropout output (fp32), its mask and lora_A's output stay saved.
@@ -370,7 +352,7 @@ mod tests {
             })
             .collect();
         assert_eq!(
-            peak(&q.fwd_script, &saved),
+            script_peak(&q.fwd_script, &saved),
             2 * 2048 + 4 * 2048 + 4 * 2048 + 2048 + 4 * 16 + 2 * 4 * 2048
         );
     }
